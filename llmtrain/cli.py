@@ -1,0 +1,124 @@
+"""`llmtrain <command>`: run a stage, list runs, sample from a run, train a tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llmtrain.errors import LLMTrainError, RunInterrupted
+
+STAGES = ("pretrain",)
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    """Parse a stage's config from `argv`, run it, and turn user errors into a message and an exit code."""
+    try:
+        from llmtrain.config import STAGE_CONFIGS, parse_config
+
+        cfg = parse_config(STAGE_CONFIGS[stage], argv)
+        module = __import__(f"llmtrain.stages.{stage}", fromlist=["run"])
+        module.run(cfg)
+    except LLMTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+def _runs_dir(value: str | None) -> str:
+    return value or os.environ.get("LLMTRAIN_RUNS_DIR", "runs")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from llmtrain.registry import format_runs_table, list_runs
+
+    runs = list_runs(_runs_dir(args.runs_dir))
+    if not runs:
+        print(f"No runs in {_runs_dir(args.runs_dir)} yet. Start one: accelerate launch recipes/pretrain.py")
+        return 0
+    print(format_runs_table(runs))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmtrain.generate import load_for_generation, sample
+    from llmtrain.registry import resolve_model
+
+    source = resolve_model(args.run, _runs_dir(args.runs_dir))
+    if source.kind == "preset":
+        raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
+    model, tokenizer = load_for_generation(source.path)
+    prompts = [args.prompt] * args.num_samples
+    outputs = sample(
+        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, greedy=args.greedy
+    )
+    for out in outputs:
+        print(args.prompt + out)
+        if args.num_samples > 1:
+            print("---")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
+    from llmtrain.runtime import cache_dir
+    from llmtrain.tokenizer import train_tokenizer
+
+    cache = cache_dir(argparse.Namespace(cache_dir=None))
+    docs = load_documents(resolve_corpus(args.data, cache), text_field=args.text_field)
+    tokenizer = train_tokenizer(documents_for_tokenizer(docs), args.vocab_size, args.model_max_length)
+    tokenizer.save_pretrained(args.out)
+    print(f"Trained a {len(tokenizer)}-token byte-level BPE on {args.data}; saved to {Path(args.out).resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmtrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        sub.add_parser(stage, help=f"run the {stage} stage (same flags as recipes/{stage}.py)", add_help=False)
+
+    p = sub.add_parser("runs", help="list the runs in the registry")
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("generate", help="sample text from a run")
+    p.add_argument("run", help="run name, run folder or HF checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    p.add_argument("--data", default="default")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--model_max_length", type=int, default=2048)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        return run_stage(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LLMTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Stage configs: one dataclass per stage, filled from a YAML recipe and then command-line overrides.
+
+`--config recipes/configs/pretrain/gpt-small.yaml --lr 3e-4` reads the YAML first, then lets any
+flag override any key. Every key is a dataclass field, so the resolved config is plain data that
+goes into the run manifest as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from llmtrain.errors import LLMTrainError
+
+C = TypeVar("C")
+
+
+def _default_runs_dir() -> str:
+    return os.environ.get("LLMTRAIN_RUNS_DIR", "runs")
+
+
+@dataclass
+class RunConfig:
+    """Fields every stage shares: where the run lives and how it starts."""
+
+    runs_dir: str = field(
+        default_factory=_default_runs_dir,
+        metadata={"help": "Registry folder (or set LLMTRAIN_RUNS_DIR)."},
+    )
+    run_name: str | None = field(default=None, metadata={"help": "Run name; a readable unique one if unset."})
+    resume: bool = field(default=False, metadata={"help": "Continue the latest unfinished run of this stage."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run of the same name."})
+    seed: int = 1337
+    tracker: str | None = field(
+        default=None,
+        metadata={"help": "Experiment tracker: tensorboard, wandb, comet_ml, mlflow or trackio."},
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Token-shard and tokenizer cache (default: $LLMTRAIN_CACHE or ~/.cache/llmtrain)."},
+    )
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Pretraining a causal LM on a text corpus (nanoGPT-style loop on Accelerate)."""
+
+    # data
+    data: str = field(
+        default="default",
+        metadata={"help": "'default' (embedded corpus), a .txt/.jsonl/.json/.parquet file, a folder, or a Hub id."},
+    )
+    text_field: str = "text"
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
+    dataset_split: str = "train"
+    streaming: bool | None = field(
+        default=None, metadata={"help": "Stream a Hub data set (default: yes for Hub ids, no for files)."}
+    )
+    max_documents: int | None = field(default=None, metadata={"help": "Read at most this many documents."})
+    dedup: bool = field(default=True, metadata={"help": "Drop exact duplicate documents."})
+    val_fraction: float = field(default=0.02, metadata={"help": "Share of documents held out for validation."})
+    num_proc: int | None = field(default=None, metadata={"help": "Tokenizing processes (default: CPU count)."})
+    # tokenizer
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder, run or Hub id; default: the model's, or train one on the data."},
+    )
+    vocab_size: int = field(default=512, metadata={"help": "Vocabulary of a tokenizer trained here."})
+    # model
+    preset: str = field(
+        default="gpt-micro",
+        metadata={"help": "Model preset (fresh weights), or a run / local checkpoint / Hub id to continue."},
+    )
+    seq_len: int = 128
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU), no, bf16, fp16."})
+    # optimisation
+    batch_size: int = field(default=16, metadata={"help": "Sequences per process per micro-step."})
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = field(default="cosine", metadata={"help": "cosine, wsd (warmup-stable-decay) or constant."})
+    warmup_steps: int = 100
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of steps spent decaying."})
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # when to stop (the first one reached)
+    max_steps: int = 1200
+    max_tokens: int | None = field(default=None, metadata={"help": "Stop after this many training tokens."})
+    max_time_s: float | None = field(default=None, metadata={"help": "Stop after this many seconds."})
+    # evaluation, samples, checkpoints
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    sample_every: int = 0
+    num_samples: int = 3
+    sample_tokens: int = 48
+    save_every: int = 500
+    keep_checkpoints: int = 2
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, path = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise LLMTrainError("--config needs a path to a YAML recipe, e.g. --config recipes/configs/x.yaml")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def _unknown_key_error(key: str, cls: type, where: str) -> LLMTrainError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return LLMTrainError(f"Unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML recipe and check every key is a field of `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMTrainError(f"Config file {path} does not exist. Recipes live under recipes/configs/.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LLMTrainError(f"Config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise LLMTrainError(f"Config file {path} must hold a mapping of key: value, not {type(values).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key_error(key, cls, str(path))
+    return values
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
+    """Build a `cls` from `--config FILE` (optional) and `--key value` overrides."""
+    from transformers import HfArgumentParser  # deferred: keeps `llmtrain runs` fast
+
+    config_path, argv = _split_config_flag(list(argv or []))
+    parser = HfArgumentParser(cls)
+    if config_path:
+        parser.set_defaults(**load_yaml(config_path, cls))
+    for arg in argv:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise _unknown_key_error(key, cls, "the command line")
+    config, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise LLMTrainError(f"Could not read these command-line arguments: {' '.join(remaining)}. Use --key value.")
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for the manifest and the trackers)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,378 @@
+"""Text corpus -> cleaned documents -> cached token shards.
+
+A corpus is a .txt file (one document per blank-line-separated paragraph), a .jsonl/.json file
+(one document per row, in a text field), a .parquet file, a folder of these, or a Hub data set.
+It is read with `datasets`, cleaned (empty documents dropped, exact duplicates removed), split into
+train/validation by document, tokenized once with `map(batched=True, num_proc=...)`, and written as
+flat token files (uint16 when the vocabulary fits) with an EOS after every document. The result is
+cached under a key made of the data's fingerprint, the tokenizer's and the cleaning options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrain.errors import LLMTrainError
+
+TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+_VAL_BUCKETS = 1_000_000
+_HASH_MASK = (1 << 63) - 1  # doc hashes fit a signed int64 Arrow column
+
+
+@dataclass
+class CorpusStats:
+    """What data hygiene did, reported in the manifest."""
+
+    documents_read: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+    train_documents: int = 0
+    val_documents: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    train_bytes: int = 0
+    val_bytes: int = 0
+
+
+@dataclass
+class CorpusSource:
+    """A resolved --data value: local files (grouped by loader) or a Hub data set."""
+
+    spec: str
+    files: dict[str, list[Path]]  # loader name ("text", "json", "parquet") -> files; empty for the Hub
+    hub_id: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.hub_id is not None
+
+
+def default_data_dir(cache_dir: Path) -> Path:
+    """The embedded default data: data/ in a source checkout, otherwise regenerated into the cache."""
+    if (REPO_DATA_DIR / "corpus.txt").is_file():
+        return REPO_DATA_DIR
+    target = cache_dir / "default-data"
+    if not (target / "corpus.txt").is_file():
+        from llmtrain.data.default_task import generate
+
+        generate(target)
+    return target
+
+
+def resolve_corpus(spec: str, cache_dir: Path) -> CorpusSource:
+    """Turn --data into files to read (or a Hub id), failing early on a missing or unreadable path."""
+    if spec == "default":
+        spec = str(default_data_dir(cache_dir) / "corpus.txt")
+    path = Path(spec)
+    if path.is_file():
+        return CorpusSource(spec, {_loader_for(path): [path]})
+    if path.is_dir():
+        files: dict[str, list[Path]] = {}
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES):
+            files.setdefault(TEXT_SUFFIXES[f.suffix], []).append(f)
+        if not files:
+            raise LLMTrainError(
+                f"Data folder {path} holds no corpus files; expected {', '.join(sorted(TEXT_SUFFIXES))} files."
+            )
+        return CorpusSource(spec, files)
+    looks_local = spec.startswith((".", "/", "~")) or Path(spec).suffix in TEXT_SUFFIXES or os.sep * 2 in spec
+    if looks_local or spec.count("/") > 1:
+        raise LLMTrainError(f"Data file {spec} does not exist. Check the path given to --data.")
+    return CorpusSource(spec, {}, hub_id=spec)
+
+
+def _loader_for(path: Path) -> str:
+    if path.suffix not in TEXT_SUFFIXES:
+        raise LLMTrainError(
+            f"Cannot read {path}: unknown file type '{path.suffix}'. Use one of {', '.join(sorted(TEXT_SUFFIXES))}."
+        )
+    return TEXT_SUFFIXES[path.suffix]
+
+
+def fingerprint_corpus(source: CorpusSource, **options: Any) -> str:
+    """A hash of the data's content (local files) or identity (Hub), plus the reading options."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    if source.is_hub:
+        h.update(f"hub:{source.hub_id}".encode())
+    for files in source.files.values():
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_documents(
+    source: CorpusSource,
+    text_field: str = "text",
+    dataset_config: str | None = None,
+    split: str = "train",
+    streaming: bool | None = None,
+    max_documents: int | None = None,
+):
+    """A `datasets` Dataset (or IterableDataset when streaming) with one column, 'text'."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.is_hub:
+        stream = True if streaming is None else streaming
+        try:
+            ds = datasets.load_dataset(source.hub_id, dataset_config, split=split, streaming=stream)
+        except Exception as e:  # noqa: BLE001 - the Hub raises many kinds; the user needs one message
+            raise LLMTrainError(
+                f"Could not load '{source.spec}': it is not a local file or folder, and loading it as a Hub "
+                f"data set failed ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})."
+            ) from None
+        ds = _select_text(ds, text_field, source.spec)
+    else:
+        parts = [_load_local(loader, files, text_field) for loader, files in source.files.items()]
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if streaming:
+            ds = ds.to_iterable_dataset()
+    if max_documents is not None:
+        ds = (
+            ds.take(max_documents)
+            if isinstance(ds, datasets.IterableDataset)
+            else ds.select(range(min(max_documents, len(ds))))
+        )
+    return ds
+
+
+def _load_local(loader: str, files: list[Path], text_field: str):
+    import datasets
+
+    kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
+    try:
+        ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 - pinpoint the bad line ourselves
+        if loader == "json":
+            for f in files:
+                _check_jsonl(f, text_field)
+        raise LLMTrainError(f"Could not read {', '.join(map(str, files))}: {e}") from None
+    if loader == "text":
+        return ds
+    if text_field not in ds.column_names:
+        if loader == "json":
+            for f in files:
+                _check_jsonl(f, text_field)
+        raise LLMTrainError(
+            f"{', '.join(map(str, files))} has no '{text_field}' field (columns: {', '.join(ds.column_names)}). "
+            f"Name the field that holds the text with --text_field."
+        )
+    ds = _select_text(ds, text_field, ", ".join(map(str, files)))
+    if loader == "json" and None in set(ds.unique("text")):
+        for f in files:
+            _check_jsonl(f, text_field)
+    return ds
+
+
+def _select_text(ds, text_field: str, where: str):
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise LLMTrainError(
+            f"{where} has no '{text_field}' field (columns: {', '.join(columns)}). "
+            f"Name the field that holds the text with --text_field."
+        )
+    if text_field != "text":
+        if columns is not None and "text" in columns:
+            ds = ds.remove_columns("text")
+        ds = ds.rename_column(text_field, "text")
+    if columns is not None:
+        ds = ds.select_columns(["text"])
+    return ds
+
+
+def _check_jsonl(path: Path, text_field: str) -> None:
+    """Find the first line of a JSON-lines file that is not JSON or lacks a string `text_field`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LLMTrainError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}). Fix or delete that line."
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise LLMTrainError(
+                    f"{path}, line {lineno}: no string field '{text_field}' in this row. Every line must be an object "
+                    f'like {{"{text_field}": "..."}}; set --text_field if the text lives under another name.'
+                )
+
+
+def _doc_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") & _HASH_MASK
+
+
+def documents_for_tokenizer(ds, max_chars: int = 1_000_000_000) -> Iterator[str]:
+    """Stripped, non-empty documents, up to `max_chars` characters, to train a tokenizer on."""
+    seen = 0
+    for batch in ds.iter(batch_size=1000):
+        for text in batch["text"]:
+            text = (text or "").strip()
+            if text:
+                yield text
+                seen += len(text)
+                if seen >= max_chars:
+                    return
+
+
+# ---------------------------------------------------------------- token shards
+
+
+@dataclass
+class TokenShards:
+    """Cached token files of a corpus: train.bin and val.bin plus meta.json."""
+
+    path: Path
+    dtype: str
+    stats: CorpusStats
+    fingerprint: str
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r")
+
+
+def build_token_shards(
+    ds,
+    tokenizer,
+    cache_root: Path,
+    data_fingerprint: str,
+    dedup: bool = True,
+    val_fraction: float = 0.02,
+    num_proc: int | None = None,
+) -> TokenShards:
+    """Clean, split and tokenize `ds` once; later calls with the same inputs reuse the cached shards."""
+    tok_fp = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{data_fingerprint}|{tok_fp}|{dedup}|{val_fraction}".encode()).hexdigest()[:20]
+    out = cache_root / key
+    if (out / "meta.json").is_file():
+        meta = json.loads((out / "meta.json").read_text())
+        return TokenShards(out, meta["dtype"], CorpusStats(**meta["stats"]), key)
+
+    vocab = len(tokenizer)
+    dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "uint32"
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LLMTrainError("The tokenizer has no EOS token; documents are separated by EOS in pretraining.")
+
+    stats = CorpusStats()
+    ds = _clean(ds, stats, dedup)
+    streaming = not hasattr(ds, "__len__")
+    if streaming:
+        val_threshold = int(val_fraction * _VAL_BUCKETS)
+        is_val = lambda h: h % _VAL_BUCKETS < val_threshold  # noqa: E731
+    else:
+        # With the documents counted, hold out exactly max(1, fraction * n) of them: those with the
+        # smallest content hashes, so the split is by document and does not depend on file order.
+        hashes = np.asarray(ds["hash"], dtype=np.int64)
+        k = max(1, round(val_fraction * len(hashes))) if len(hashes) > 1 else 0
+        val_set = set(np.sort(hashes)[:k].tolist()) if k else set()
+        is_val = val_set.__contains__
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {
+            "ids": [x + [eos] for x in ids],
+            "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
+        }
+
+    map_kwargs = {} if streaming else {"num_proc": _num_proc(num_proc, len(ds)), "desc": "tokenizing"}
+    tokenized = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=_CLEAN_COLUMNS, **map_kwargs)
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        for batch in tokenized.iter(batch_size=1000):
+            for ids, h, n_bytes in zip(batch["ids"], batch["hash"], batch["n_bytes"]):
+                split = "val" if is_val(h) else "train"
+                (fval if split == "val" else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
+                setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)
+                setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids))
+                setattr(stats, f"{split}_bytes", getattr(stats, f"{split}_bytes") + n_bytes)
+    if stats.train_documents + stats.val_documents == 0:
+        shutil.rmtree(tmp)
+        raise LLMTrainError(
+            f"The corpus is empty: {stats.documents_read} documents read, all of them empty"
+            f"{' or duplicates' if stats.duplicates_dropped else ''}. Give --data a corpus with text in it."
+        )
+    meta = {"dtype": dtype, "stats": asdict(stats), "tokenizer": tok_fp, "data": data_fingerprint}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    return TokenShards(out, dtype, stats, key)
+
+
+def _num_proc(requested: int | None, n_docs: int) -> int | None:
+    n = requested if requested is not None else (os.cpu_count() or 1)
+    n = min(n, max(1, n_docs // 10_000))  # worker start-up costs more than it saves on small corpora
+    return n if n > 1 else None
+
+
+def _clean(ds, stats: CorpusStats, dedup: bool):
+    """Strip documents, drop empty ones and (optionally) exact duplicates; add a 'hash' column."""
+
+    def add_hash(batch: dict[str, list]) -> dict[str, list]:
+        texts = [(t or "").strip() for t in batch["text"]]
+        return {"text": texts, "hash": [_doc_hash(t) for t in texts], "n_chars": [len(t) for t in texts]}
+
+    if hasattr(ds, "__len__"):
+        stats.documents_read = len(ds)
+        ds = ds.map(add_hash, batched=True, batch_size=1000)
+        hashes = np.asarray(ds["hash"], dtype=np.int64)
+        keep = np.asarray(ds["n_chars"]) > 0
+        stats.empty_dropped = int((~keep).sum())
+        if dedup:
+            _, first = np.unique(np.where(keep, hashes, -1), return_index=True)
+            unique = np.zeros_like(keep)
+            unique[first] = True
+            stats.duplicates_dropped = int((keep & ~unique).sum())
+            keep &= unique
+        return ds.select(np.flatnonzero(keep)) if not keep.all() else ds
+
+    seen: set[int] = set()
+
+    def keep_doc(row: dict[str, Any]) -> bool:
+        stats.documents_read += 1
+        if not row["text"]:
+            stats.empty_dropped += 1
+            return False
+        if dedup:
+            if row["hash"] in seen:
+                stats.duplicates_dropped += 1
+                return False
+            seen.add(row["hash"])
+        return True
+
+    return ds.map(add_hash, batched=True, batch_size=1000).filter(keep_doc)
+
+
+# Columns _clean adds that tokenizing drops.
+_CLEAN_COLUMNS = ["text", "n_chars"]
+
+
+def decode_documents(tokens: Iterable[int], tokenizer) -> list[str]:
+    """Split a token stream at EOS and decode each document (for checks and tests)."""
+    docs, current = [], []
+    for t in tokens:
+        if t == tokenizer.eos_token_id:
+            docs.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(int(t))
+    return docs

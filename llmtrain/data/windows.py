@@ -1,0 +1,56 @@
+"""Training batches as windows cut from a memory-mapped token file: no padding, no data loader workers.
+
+Random windows are a pure function of (seed, step, micro-step): resuming at step N draws exactly
+the batches the uninterrupted run would have drawn, and the global batch is drawn once and sliced
+by rank, so N processes with batch B see the same windows as 1 process with batch N x B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from llmtrain.errors import LLMTrainError
+
+
+class TokenWindows:
+    """Windows of seq_len + 1 tokens (inputs and next-token targets) over a flat token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train"):
+        if len(tokens) < seq_len + 1:
+            raise LLMTrainError(
+                f"The {split} split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}. "
+                f"Use a larger corpus or a smaller --seq_len"
+                + (" (or a larger --val_fraction)." if split == "val" else ".")
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def _stack(self, starts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.seq_len + 1
+        batch = torch.from_numpy(np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64))
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def random_batch(
+        self, seed: int, step: int, micro: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch for (step, micro-step): inputs and targets, [B, T] each."""
+        rng = np.random.default_rng([seed, step, micro])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size * world)
+        return self._stack(starts[rank * batch_size : (rank + 1) * batch_size], device)
+
+    def sequential_batches(
+        self, batch_size: int, max_batches: int, device: torch.device, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows from the start, split across ranks: the same held-out tokens every time."""
+        n_windows = (len(self.tokens) - 1) // self.seq_len
+        starts = np.arange(min(n_windows, batch_size * max_batches)) * self.seq_len
+        mine = starts[rank::world]
+        for i in range(0, len(mine), batch_size):
+            yield self._stack(mine[i : i + batch_size], device)

@@ -1,0 +1,55 @@
+"""Sampling from any run: plain-text continuation now, chat once a run has a chat template."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    greedy: bool = False,
+    stop_token_ids: list[int] | None = None,
+) -> list[str]:
+    """Continue each prompt (batched, left-padded, KV cache); returns only the new text."""
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = padding_side
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    eos = stop_token_ids or [tokenizer.eos_token_id]
+    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k}
+    if top_p is not None and not greedy:
+        kwargs["top_p"] = top_p
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+    if was_training:
+        model.train()
+    new = out[:, batch["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def load_for_generation(run_path: str, device: str | None = None):
+    """Load a run (or any HF checkpoint) and its tokenizer for sampling."""
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.tokenizer import load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(run_path, dtype="auto").to(device)
+    return model, load_tokenizer(run_path)

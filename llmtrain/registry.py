@@ -1,0 +1,200 @@
+"""The spine every stage shares: model presets, resolving a model spec, and the run registry.
+
+A model spec is one of: a preset name (fresh weights), a run name in the registry or a run folder,
+a local Hugging Face checkpoint, or a Hub model id. A run is a folder under the registry that is a
+Hugging Face checkpoint plus `llmtrain.json`, the manifest that records its lineage and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+
+from llmtrain.errors import LLMTrainError
+
+MANIFEST = "llmtrain.json"
+
+# name -> (family, hidden, layers, heads, kv_heads, ffn); ffn is SwiGLU width (Llama) or the MLP width (GPT-2).
+# Parameter counts below are with tied embeddings; the embedding adds vocab x hidden.
+_SHAPES: dict[str, tuple[str, int, int, int, int, int]] = {
+    "gpt-nano": ("llama", 48, 3, 4, 4, 128),  # ~0.1M with a 512-token vocabulary: unit tests
+    "gpt-micro": ("llama", 96, 4, 4, 4, 256),  # ~0.5M: the embedded default on a CPU
+    "gpt-mini": ("llama", 256, 6, 8, 8, 688),  # ~5M: a larger CPU run
+    "gpt-small": ("llama", 768, 12, 12, 12, 2048),  # ~124M with a 50k vocabulary: GPT-2-small shape
+    "gpt-medium": ("llama", 1024, 24, 16, 16, 2816),  # ~360M with a 50k vocabulary
+    "gpt2-small": ("gpt2", 768, 12, 12, 12, 3072),  # ~124M, the original GPT-2 architecture
+}
+PRESETS = tuple(_SHAPES)
+
+
+def preset_config(name: str, vocab_size: int, max_seq_len: int, special_ids: dict[str, int]) -> PretrainedConfig:
+    """A native `transformers` config for preset `name` (fresh weights, SDPA attention, no dropout)."""
+    if name not in _SHAPES:
+        raise LLMTrainError(f"Unknown preset '{name}'. Valid presets: {', '.join(PRESETS)}.")
+    family, hidden, layers, heads, kv_heads, ffn = _SHAPES[name]
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_seq_len,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=ffn,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            **special_ids,
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=max_seq_len,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+            **special_ids,
+        )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@dataclass
+class ModelSource:
+    """Where a model spec points: kind is 'preset', 'run', 'local' or 'hub'; path is what from_pretrained takes."""
+
+    kind: str
+    spec: str
+    path: str | None = None
+
+    @property
+    def run_name(self) -> str | None:
+        return Path(self.path).name if self.kind == "run" and self.path else None
+
+
+def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
+    """Decide what a model spec names, in order: preset, registry run, local folder, Hub id."""
+    if spec in _SHAPES:
+        return ModelSource("preset", spec)
+    run = Path(runs_dir) / spec
+    for candidate in (run, Path(spec)):
+        if (candidate / MANIFEST).is_file() and (candidate / "config.json").is_file():
+            return ModelSource("run", spec, str(candidate.resolve()))
+    local = Path(spec)
+    if local.exists():
+        if (local / "config.json").is_file():
+            return ModelSource("local", spec, str(local.resolve()))
+        raise LLMTrainError(
+            f"'{spec}' is a local path but not a Hugging Face checkpoint (no config.json in it). "
+            f"Give a preset ({', '.join(PRESETS)}), a run in {runs_dir}, or a checkpoint folder."
+        )
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith(("gpt-", "gpt2-")):
+        return ModelSource("hub", spec, spec)
+    raise LLMTrainError(
+        f"Could not resolve model '{spec}': it is not a preset ({', '.join(PRESETS)}), not a run in "
+        f"{runs_dir} (see `llmtrain runs`), not a local checkpoint and not a Hub id."
+    )
+
+
+# ---------------------------------------------------------------- runs
+
+
+def new_run_name(stage: str, label: str, runs_dir: str | Path) -> str:
+    """A readable unique name: stage-label-YYYYmmdd-HHMMSS (with a suffix if taken)."""
+    base = f"{stage}-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}-{datetime.now():%Y%m%d-%H%M%S}"
+    name, i = base, 1
+    while (Path(runs_dir) / name).exists():
+        i += 1
+        name = f"{base}-{i}"
+    return name
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LLMTrainError(f"{run_dir} is not a run: it has no {MANIFEST}.") from None
+    except json.JSONDecodeError as e:
+        raise LLMTrainError(f"{path} is not valid JSON ({e}); the run's manifest is damaged.") from None
+
+
+def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically (temp file, then rename), so a crash never leaves half of one."""
+    path = Path(run_dir) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run in the registry with its manifest, oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = []
+    for manifest_path in root.glob(f"*/{MANIFEST}"):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        manifest["_dir"] = str(manifest_path.parent)
+        runs.append(manifest)
+    return sorted(runs, key=lambda m: m.get("created", ""))
+
+
+def latest_run(runs_dir: str | Path, stage: str, finished: bool = True) -> dict[str, Any] | None:
+    """The newest run of `stage` (finished or not), or None."""
+    want = "finished" if finished else None
+    runs = [m for m in list_runs(runs_dir) if m.get("stage") == stage and (want is None or m.get("status") == want)]
+    return runs[-1] if runs else None
+
+
+HEADLINE_METRICS = ("task_accuracy", "reward_accuracy", "val_bpb", "val_loss")
+
+
+def headline(manifest: dict[str, Any]) -> str:
+    """The one metric that best says how good a run is, as 'name=value'."""
+    metrics = manifest.get("metrics", {})
+    for key in HEADLINE_METRICS:
+        if key in metrics:
+            return f"{key}={metrics[key]:.4g}"
+    return "-"
+
+
+def format_runs_table(runs: list[dict[str, Any]]) -> str:
+    """The `llmtrain runs` table."""
+    header = ("name", "stage", "status", "parent", "preset", "headline", "created")
+    rows = [header]
+    for m in runs:
+        created = m.get("created", "")[:16].replace("T", " ")
+        rows.append(
+            (
+                Path(m["_dir"]).name,
+                m.get("stage", "?"),
+                m.get("status", "?"),
+                m.get("parent") or "-",
+                m.get("preset") or "-",
+                headline(m),
+                created,
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -1,0 +1,77 @@
+"""What every stage sets up the same way: the Accelerator, experiment trackers, the cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.errors import LLMTrainError
+
+# Tracker name -> the pip package that provides it.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "comet_ml": "comet_ml",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+}
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """'auto' means bf16 on a GPU that supports it and full fp32 otherwise (bf16 is slower on CPUs)."""
+    if requested != "auto":
+        if requested not in ("no", "bf16", "fp16"):
+            raise LLMTrainError(f"mixed_precision must be auto, no, bf16 or fp16, not '{requested}'.")
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def check_tracker(name: str | None) -> None:
+    """Fail early, naming the package to install, when the chosen tracker is not available."""
+    if name is None:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    if name not in TRACKERS:
+        raise LLMTrainError(f"Unknown tracker '{name}'. Choose one of: {', '.join(TRACKERS)}.")
+    if name not in [str(t) for t in get_available_trackers()]:
+        raise LLMTrainError(
+            f"--tracker {name} needs the '{TRACKERS[name]}' package, which is not installed: "
+            f"pip install {TRACKERS[name]}"
+        )
+
+
+def make_accelerator(cfg: Any):
+    """An Accelerator for this stage: mixed precision resolved, trackers checked, run folder as project dir."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    check_tracker(cfg.tracker)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto")),
+        log_with=cfg.tracker,
+        project_dir=cfg.runs_dir,
+    )
+    set_seed(cfg.seed)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def cache_dir(cfg: Any) -> Path:
+    """Where token shards and trained tokenizers are cached: --cache_dir, $LLMTRAIN_CACHE or ~/.cache/llmtrain."""
+    path = cfg.cache_dir or os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print_main(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, flush=True)

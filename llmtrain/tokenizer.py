@@ -1,0 +1,115 @@
+"""Train a byte-level BPE tokenizer with `tokenizers` and save it in Hugging Face format.
+
+Digits are split one per token (arithmetic stays learnable), and the special tokens and the chat
+template that the chat stages use are stored with the tokenizer, so any run directory loads with
+`AutoTokenizer.from_pretrained` and renders chats the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from llmtrain.errors import LLMTrainError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+END_OF_TURN = "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [PAD, BOS, EOS, END_OF_TURN, *ROLE_TOKENS]
+
+# Each turn is `<|role|>\n{content}<|end|>`. The assistant's content and its end-of-turn token sit
+# inside {% generation %} so that the SFT mask (and TRL's assistant-only loss) trains exactly the
+# tokens the model must produce, the stop token included.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (digits split) on `texts` and wrap it with special tokens and chat template."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise LLMTrainError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+            f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)."
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_nonempty(texts), trainer=trainer)
+    return wrap_tokenizer(tok, model_max_length)
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        if text:
+            yield text
+
+
+def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    """Give a raw `tokenizers` object the project's special tokens and chat template."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[END_OF_TURN, *ROLE_TOKENS],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a folder or a Hub id; give it a pad token and a chat template if it lacks them."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise LLMTrainError(
+            f"Could not load a tokenizer from '{name_or_path}': it is neither a folder with tokenizer files "
+            f"nor a reachable Hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})."
+        ) from None
+    if tokenizer.pad_token is None:
+        # A dedicated pad token is safest, but adding one would resize the model; reuse EOS only
+        # for batching, where the attention mask hides it.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """UTF-8 bytes each token id stands for (0 for special tokens); used for bits-per-byte."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    lengths = [0] * len(tokenizer)
+    byte_level = "ByteLevel" in str(tokenizer.backend_tokenizer.decoder) if tokenizer.is_fast else False
+    for token, idx in vocab.items():
+        if idx in special or idx >= len(lengths):
+            continue
+        if byte_level:
+            lengths[idx] = len(token)  # one printable character per byte in byte-level BPE
+        else:
+            lengths[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
+    return lengths
