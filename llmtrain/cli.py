@@ -66,12 +66,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
     from llmtrain.runtime import cache_dir
-    from llmtrain.tokenizer import train_tokenizer
+    from llmtrain.tokenizer import save_tokenizer, train_tokenizer
 
     cache = cache_dir(argparse.Namespace(cache_dir=None))
     docs = load_documents(resolve_corpus(args.data, cache), text_field=args.text_field)
     tokenizer = train_tokenizer(documents_for_tokenizer(docs), args.vocab_size, args.model_max_length)
-    tokenizer.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     print(f"Trained a {len(tokenizer)}-token byte-level BPE on {args.data}; saved to {Path(args.out).resolve()}")
     return 0
 

@@ -72,6 +72,9 @@ class PretrainConfig(RunConfig):
         metadata={"help": "Tokenizer folder, run or Hub id; default: the model's, or train one on the data."},
     )
     vocab_size: int = field(default=512, metadata={"help": "Vocabulary of a tokenizer trained here."})
+    tokenizer_train_chars: int = field(
+        default=1_000_000_000, metadata={"help": "Train the tokenizer on at most this many characters."}
+    )
     # model
     preset: str = field(
         default="gpt-micro",

@@ -113,3 +113,22 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         else:
             lengths[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
     return lengths
+
+
+def plain_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    """A copy of the Rust tokenizer with padding and truncation off.
+
+    Batched calls with `padding=True` leave padding switched on in the shared backend (and in a
+    tokenizer.json saved afterwards); encoding a corpus with it would pad documents with pad ids.
+    """
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save with padding and truncation switched off in tokenizer.json, whatever calls came before."""
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.save_pretrained(str(path))

@@ -22,9 +22,16 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TRAIN_FILES = ("sft_train.jsonl", "prefs_train.jsonl", "prompts_train.jsonl")
 VAL_FILES = ("sft_val.jsonl", "prefs_val.jsonl", "prompts_val.jsonl")
 SAMPLE_FILES = (
-    "corpus.txt", "corpus.jsonl", "corpus.parquet",
-    "sft_prompt_response.jsonl", "sft_messages.jsonl", "sft_alpaca.jsonl",
-    "prefs.jsonl", "prefs_messages.jsonl", "prefs_hh.jsonl", "prompts.jsonl",
+    "corpus.txt",
+    "corpus.jsonl",
+    "corpus.parquet",
+    "sft_prompt_response.jsonl",
+    "sft_messages.jsonl",
+    "sft_alpaca.jsonl",
+    "prefs.jsonl",
+    "prefs_messages.jsonl",
+    "prefs_hh.jsonl",
+    "prompts.jsonl",
 )
 
 

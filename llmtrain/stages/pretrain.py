@@ -33,7 +33,7 @@ from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import ModelSource, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator, print_main
-from llmtrain.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 
 PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"], "learning rate": ["lr"]}
 
@@ -214,7 +214,7 @@ def run(cfg: PretrainConfig) -> Path:
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
         unwrapped.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(run.path)
+        save_tokenizer(tokenizer, run.path)
     metrics = {
         **final_val,
         "train_loss": train_loss,
@@ -259,13 +259,15 @@ def _get_tokenizer(cfg: PretrainConfig, source: ModelSource, docs, data_fp: str,
         return load_tokenizer(tok_source.path if tok_source and tok_source.path else cfg.tokenizer)
     if source.kind != "preset":
         return load_tokenizer(source.path)
-    out = cache / "tokenizers" / f"{data_fp}-v{cfg.vocab_size}"
+    out = cache / "tokenizers" / f"{data_fp}-v{cfg.vocab_size}-c{cfg.tokenizer_train_chars}"
     if (out / "tokenizer.json").is_file():
         return load_tokenizer(out)
-    tokenizer = train_tokenizer(documents_for_tokenizer(docs), cfg.vocab_size, model_max_length=cfg.seq_len)
+    tokenizer = train_tokenizer(
+        documents_for_tokenizer(docs, cfg.tokenizer_train_chars), cfg.vocab_size, model_max_length=cfg.seq_len
+    )
     if len(tokenizer) <= 256 + 7:
         raise LLMTrainError(f"The corpus {cfg.data} has no text to train a tokenizer on; it is empty.")
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return tokenizer
 
 
@@ -355,7 +357,10 @@ def _sample_prompts(val_data: TokenWindows, tokenizer, n: int, prompt_tokens: in
     tokens = val_data.tokens
     eos = tokenizer.eos_token_id
     starts = [0] + [int(i) + 1 for i in (tokens[:200_000] == eos).nonzero()[0][: n - 1]]
-    return [tokenizer.decode(tokens[s : s + prompt_tokens]) for s in starts[:n]]
+    # Cut at the last space so a prompt never ends inside a word or a number.
+    texts = [tokenizer.decode(tokens[s : s + prompt_tokens], skip_special_tokens=True) for s in starts[:n]]
+    prompts = [t.rsplit(" ", 1)[0] + " " if " " in t.strip() else t for t in texts]
+    return [p for p in prompts if p.strip()] or [tokenizer.decode(tokens[:prompt_tokens])]
 
 
 def _summary(cfg, run, n_params, stats, tokens_per_step, world, device, precision) -> str:

@@ -1,0 +1,65 @@
+"""Shared fixtures: an isolated cache and registry, a small corpus, and one finished tiny run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Token shards and tokenizers go to a per-session folder, never to ~/.cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["LLMTRAIN_CACHE"] = str(cache)
+    os.environ.pop("LLMTRAIN_RUNS_DIR", None)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first 600 documents of the embedded corpus: enough to learn something in seconds."""
+    docs = (REPO / "data" / "corpus.txt").read_text().split("\n\n")[:600]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def tiny_config(runs_dir: Path, data: Path, **overrides):
+    """A gpt-nano pretraining config that runs in a few seconds on a CPU."""
+    from llmtrain.config import PretrainConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        data=str(data),
+        preset="gpt-nano",
+        vocab_size=320,
+        seq_len=32,
+        batch_size=8,
+        max_steps=40,
+        warmup_steps=5,
+        lr=3e-3,
+        eval_every=20,
+        eval_batches=4,
+        log_every=1,
+        save_every=0,
+        num_samples=2,
+        sample_tokens=8,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, small_corpus) -> Path:
+    """One finished gpt-nano pretraining run, shared by the tests that only read it."""
+    from llmtrain.stages import pretrain
+
+    runs = tmp_path_factory.mktemp("runs")
+    return pretrain.run(tiny_config(runs, small_corpus, run_name="tiny", max_steps=60))

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from llmtrain.data.windows import TokenWindows
+from llmtrain.errors import LLMTrainError
+
+CPU = torch.device("cpu")
+
+
+def test_targets_are_inputs_shifted_by_one():
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), seq_len=16)
+    x, y = windows.random_batch(seed=0, step=3, micro=0, batch_size=4, device=CPU)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), seq_len=16)
+    a = windows.random_batch(0, 5, 0, 4, CPU)[0]
+    b = windows.random_batch(0, 5, 0, 4, CPU)[0]
+    c = windows.random_batch(0, 6, 0, 4, CPU)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_two_ranks_split_the_one_rank_batch_of_twice_the_size():
+    windows = TokenWindows(np.arange(5000, dtype=np.uint16), seq_len=8)
+    whole = windows.random_batch(1, 2, 0, 6, CPU)[0]
+    parts = [windows.random_batch(1, 2, 0, 3, CPU, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_sequential_batches_cover_distinct_windows_split_by_rank():
+    windows = TokenWindows(np.arange(100, dtype=np.uint16), seq_len=10)
+    one = torch.cat([x for x, _ in windows.sequential_batches(3, 10, CPU)])
+    assert one.shape[0] == 9 and one[:, 0].tolist() == list(range(0, 90, 10))
+    two = [torch.cat([x for x, _ in windows.sequential_batches(3, 10, CPU, r, 2)]) for r in range(2)]
+    assert sorted(torch.cat(two)[:, 0].tolist()) == one[:, 0].tolist()
+
+
+def test_a_split_smaller_than_one_window_is_reported():
+    with pytest.raises(LLMTrainError, match=r"val split has 10 tokens, fewer than one window.*--val_fraction"):
+        TokenWindows(np.arange(10, dtype=np.uint16), seq_len=16, split="val")
