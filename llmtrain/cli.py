@@ -46,12 +46,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmtrain.generate import load_for_generation, sample
-    from llmtrain.registry import resolve_model
 
-    source = resolve_model(args.run, _runs_dir(args.runs_dir))
-    if source.kind == "preset":
-        raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
-    model, tokenizer = load_for_generation(source.path)
+    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir))
     prompts = [args.prompt] * args.num_samples
     outputs = sample(
         model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, greedy=args.greedy

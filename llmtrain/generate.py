@@ -44,12 +44,15 @@ def sample(
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def load_for_generation(run_path: str, device: str | None = None):
-    """Load a run (or any HF checkpoint) and its tokenizer for sampling."""
-    from transformers import AutoModelForCausalLM
-
+def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
+    """Load a run, local checkpoint or Hub model and its tokenizer for sampling."""
+    from llmtrain.errors import LLMTrainError
+    from llmtrain.registry import load_causal_lm, resolve_model
     from llmtrain.tokenizer import load_tokenizer
 
+    source = resolve_model(spec, runs_dir)
+    if source.kind == "preset":
+        raise LLMTrainError(f"'{spec}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(run_path, dtype="auto").to(device)
-    return model, load_tokenizer(run_path)
+    model = load_causal_lm(source, runs_dir, dtype="auto").to(device)
+    return model, load_tokenizer(source.path)

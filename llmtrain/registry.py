@@ -109,6 +109,23 @@ def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
     )
 
 
+def load_causal_lm(source: ModelSource, runs_dir: str | Path, **kwargs: Any):
+    """`AutoModelForCausalLM.from_pretrained` for a run, local checkpoint or Hub id, with a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        where = {
+            "hub": f"It is not a preset ({', '.join(PRESETS)}), not a run in {runs_dir} and not a local folder, "
+            "and loading it as a Hub model id failed",
+            "run": "The run folder could not be loaded",
+            "local": "The checkpoint folder could not be loaded",
+        }[source.kind]
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise LLMTrainError(f"Could not load model '{source.spec}'. {where}: {first_line}") from None
+
+
 # ---------------------------------------------------------------- runs
 
 

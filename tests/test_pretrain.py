@@ -161,7 +161,8 @@ def test_a_tokenizer_larger_than_the_model_embedding_is_refused(tmp_path, finish
 )
 def test_bad_input_gets_a_clear_message(tmp_path, small_corpus, overrides, message):
     with pytest.raises(LLMTrainError, match=message):
-        pretrain.run(tiny_config(tmp_path, small_corpus, **overrides))
+        overrides = dict(overrides)
+        pretrain.run(tiny_config(tmp_path, overrides.pop("data", small_corpus), **overrides))
 
 
 def test_a_corpus_smaller_than_one_window_is_reported(tmp_path):

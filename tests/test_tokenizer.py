@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from llmtrain.tokenizer import END_OF_TURN, train_tokenizer, token_byte_lengths
+from llmtrain.tokenizer import END_OF_TURN, token_byte_lengths, train_tokenizer
 
 TEXTS = ["What is 23 + 45? 23 + 45 = 68. The sum of 12 and 30 is 42.", "Ann had 7 apples, café and naïve."] * 50
 

@@ -30,7 +30,7 @@ from llmtrain.evaluate import evaluate_lm
 from llmtrain.flops import flops_per_token, non_embedding_params, peak_flops
 from llmtrain.generate import sample
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
-from llmtrain.registry import ModelSource, preset_config, resolve_model
+from llmtrain.registry import ModelSource, load_causal_lm, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator, print_main
 from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
@@ -284,10 +284,7 @@ def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
         vocab = 64 * math.ceil(len(tokenizer) / 64)
         torch.manual_seed(cfg.seed)
         return AutoModelForCausalLM.from_config(preset_config(cfg.preset, vocab, cfg.seq_len, special))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise LLMTrainError(f"Could not load model '{cfg.preset}' ({source.kind}): {str(e).splitlines()[0]}") from None
+    model = load_causal_lm(source, cfg.runs_dir, attn_implementation="sdpa")
     if len(tokenizer) > model.config.vocab_size:
         raise LLMTrainError(
             f"The tokenizer has {len(tokenizer)} tokens but model '{cfg.preset}' has an embedding of only "
