@@ -125,3 +125,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus):
     checkpoints = list((tmp_path / "runs" / "preempted" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
     assert json.loads((tmp_path / "runs" / "preempted" / "llmtrain.json").read_text())["status"] == "interrupted"
+
+
+def test_tokenizer_command_trains_and_saves_a_loadable_tokenizer(tmp_path, small_corpus, capsys):
+    from transformers import AutoTokenizer
+
+    assert main(["tokenizer", "--data", str(small_corpus), "--vocab_size", "300", "--out", str(tmp_path / "t")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert len(tokenizer) == 300 and tokenizer.decode(tokenizer("What is 12 + 30?").input_ids) == "What is 12 + 30?"

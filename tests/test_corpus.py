@@ -148,3 +148,23 @@ def test_a_tokenizer_saved_after_padded_batches_does_not_pad_the_corpus(tmp_path
     assert sorted(
         decode_documents(shards.tokens("train"), reloaded) + decode_documents(shards.tokens("val"), reloaded)
     ) == sorted(DOCS)
+
+
+def test_streaming_reads_the_same_documents_as_the_in_memory_path(tmp_path, tokenizer):
+    corpus = tmp_path / "c.jsonl"
+    rows = DOCS + [DOCS[0], ""]  # one duplicate and one empty document
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in rows))
+    source = resolve_corpus(str(corpus), tmp_path)
+    stream = load_documents(source, streaming=True)
+    shards = build_token_shards(stream, tokenizer, tmp_path / "stream-tokens", fingerprint_corpus(source))
+    s = shards.stats
+    assert (s.documents_read, s.duplicates_dropped, s.empty_dropped) == (122, 1, 1)
+    decoded = decode_documents(shards.tokens("train"), tokenizer) + decode_documents(shards.tokens("val"), tokenizer)
+    assert sorted(decoded) == sorted(DOCS)
+
+
+def test_an_unreachable_hub_data_set_is_reported(tmp_path):
+    source = resolve_corpus("someone/no-such-corpus", tmp_path)
+    assert source.is_hub
+    with pytest.raises(LLMTrainError, match="Could not load 'someone/no-such-corpus'.*Hub data set failed"):
+        load_documents(source)
