@@ -23,7 +23,12 @@ def evaluate_lm(
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, tokens, text loss, bytes
     for x, y in windows.sequential_batches(
-        batch_size, max_batches, accelerator.device, accelerator.process_index, accelerator.num_processes
+        # The same windows whatever the number of processes: eval_batches global batches.
+        batch_size,
+        batch_size * max_batches * accelerator.num_processes,
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
     ):
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")

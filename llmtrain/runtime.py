@@ -52,11 +52,20 @@ def make_accelerator(cfg: Any):
     from accelerate.utils import set_seed
 
     check_tracker(cfg.tracker)
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto")),
         log_with=cfg.tracker,
         project_dir=cfg.runs_dir,
+        # Without a GPU, Accelerate only forms a (gloo) process group when told to use the CPU;
+        # otherwise every launched process would train alone and write the same run folder.
+        cpu=launched_world > 1 and not torch.cuda.is_available(),
     )
+    if accelerator.num_processes != launched_world:
+        raise LLMTrainError(
+            f"The launcher started {launched_world} processes but Accelerate formed a group of "
+            f"{accelerator.num_processes}; check the launch configuration (see `accelerate env`)."
+        )
     set_seed(cfg.seed)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -32,9 +32,9 @@ def test_two_ranks_split_the_one_rank_batch_of_twice_the_size():
 
 def test_sequential_batches_cover_distinct_windows_split_by_rank():
     windows = TokenWindows(np.arange(100, dtype=np.uint16), seq_len=10)
-    one = torch.cat([x for x, _ in windows.sequential_batches(3, 10, CPU)])
+    one = torch.cat([x for x, _ in windows.sequential_batches(3, 30, CPU)])
     assert one.shape[0] == 9 and one[:, 0].tolist() == list(range(0, 90, 10))
-    two = [torch.cat([x for x, _ in windows.sequential_batches(3, 10, CPU, r, 2)]) for r in range(2)]
+    two = [torch.cat([x for x, _ in windows.sequential_batches(3, 30, CPU, r, 2)]) for r in range(2)]
     assert sorted(torch.cat(two)[:, 0].tolist()) == one[:, 0].tolist()
 
 

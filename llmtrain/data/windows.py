@@ -46,11 +46,11 @@ class TokenWindows:
         return self._stack(starts[rank * batch_size : (rank + 1) * batch_size], device)
 
     def sequential_batches(
-        self, batch_size: int, max_batches: int, device: torch.device, rank: int = 0, world: int = 1
+        self, batch_size: int, max_windows: int, device: torch.device, rank: int = 0, world: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows from the start, split across ranks: the same held-out tokens every time."""
         n_windows = (len(self.tokens) - 1) // self.seq_len
-        starts = np.arange(min(n_windows, batch_size * max_batches)) * self.seq_len
+        starts = np.arange(min(n_windows, max_windows)) * self.seq_len
         mine = starts[rank::world]
         for i in range(0, len(mine), batch_size):
             yield self._stack(mine[i : i + batch_size], device)

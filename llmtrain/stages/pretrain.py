@@ -78,10 +78,11 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)  # the bare HF model, for config, sampling and saving
     flops_tok = flops_per_token(
-        non_embedding_params(accelerator.unwrap_model(model)),
-        model.config.num_hidden_layers,
-        model.config.hidden_size,
+        non_embedding_params(raw_model),
+        raw_model.config.num_hidden_layers,
+        raw_model.config.hidden_size,
         cfg.seq_len,
     )
     peak = peak_flops(device)
@@ -100,7 +101,7 @@ def run(cfg: PretrainConfig) -> Path:
             "source": source.kind,
             "spec": cfg.preset,
             "parameters": n_params,
-            "architecture": type(accelerator.unwrap_model(model)).__name__,
+            "architecture": type(raw_model).__name__,
         },
         data={"spec": cfg.data, "fingerprint": data_fp, "shards": str(shards.path), **vars(shards.stats)},
         world_size=world,
@@ -186,7 +187,7 @@ def run(cfg: PretrainConfig) -> Path:
                 run.log_metrics(step, last_val, accelerator)
                 progress.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_bpb {last_val['val_bpb']:.4f}")
             if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
-                _print_samples(progress.write, accelerator.unwrap_model(model), tokenizer, val_data, cfg)
+                _print_samples(progress.write, raw_model, tokenizer, val_data, cfg)
             train_state = {"tokens_seen": tokens_seen, "train_time_s": train_time}
             if signalled:
                 run.save_checkpoint(accelerator, step, train_state, cfg.keep_checkpoints)
@@ -205,15 +206,14 @@ def run(cfg: PretrainConfig) -> Path:
     final_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
     if not last_val or final_val != last_val:
         run.log_metrics(step, final_val, accelerator)
-    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        _print_samples(print, unwrapped, tokenizer, val_data, cfg)
+        _print_samples(print, raw_model, tokenizer, val_data, cfg)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        unwrapped.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
+        raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
+        raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
+        raw_model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, run.path)
     metrics = {
         **final_val,
