@@ -271,7 +271,7 @@ def build_token_shards(
         raise LLMTrainError("The tokenizer has no EOS token; documents are separated by EOS in pretraining.")
 
     stats = CorpusStats()
-    ds = _clean(ds, stats, dedup)
+    ds = _clean(ds, stats, dedup, num_proc)
     streaming = not hasattr(ds, "__len__")
     if streaming:
         val_threshold = int(val_fraction * _VAL_BUCKETS)
@@ -327,7 +327,7 @@ def _num_proc(requested: int | None, n_docs: int) -> int | None:
     return n if n > 1 else None
 
 
-def _clean(ds, stats: CorpusStats, dedup: bool):
+def _clean(ds, stats: CorpusStats, dedup: bool, num_proc: int | None = None):
     """Strip documents, drop empty ones and (optionally) exact duplicates; add a 'hash' column."""
 
     def add_hash(batch: dict[str, list]) -> dict[str, list]:
@@ -336,7 +336,7 @@ def _clean(ds, stats: CorpusStats, dedup: bool):
 
     if hasattr(ds, "__len__"):
         stats.documents_read = len(ds)
-        ds = ds.map(add_hash, batched=True, batch_size=1000)
+        ds = ds.map(add_hash, batched=True, batch_size=1000, num_proc=_num_proc(num_proc, len(ds)))
         hashes = np.asarray(ds["hash"], dtype=np.int64)
         keep = np.asarray(ds["n_chars"]) > 0
         stats.empty_dropped = int((~keep).sum())
