@@ -99,9 +99,6 @@ def quiet(verbose: bool) -> contextlib.AbstractContextManager:
 def nanogpt_checkpoint(tokenizer_dir: Path, out: Path, seq_len: int, seed: int) -> Path:
     """nanoGPT's CPU shape as a GPT-2 config with random weights, saved with the tokenizer as a local checkpoint."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    # Batched sampling at the end of a run can leave padding switched on in the Rust backend; saved that way, the
-    # shard builder would pad every document with pad ids. Make sure it is off in the checkpoint's tokenizer.
-    tokenizer.backend_tokenizer.no_padding()
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = GPT2Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), n_positions=seq_len, **NANOGPT, **special)
     torch.manual_seed(seed)

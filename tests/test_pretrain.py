@@ -170,3 +170,13 @@ def test_a_corpus_smaller_than_one_window_is_reported(tmp_path):
     tiny.write_text("\n\n".join(f"What is {i} + {i}? {i} + {i} = {2 * i}." for i in range(10, 40)))
     with pytest.raises(LLMTrainError, match="fewer than one window"):
         pretrain.run(tiny_config(tmp_path, tiny, seq_len=512))
+
+
+def test_a_compiled_run_saves_plain_hf_weights(tmp_path, small_corpus):
+    from safetensors.torch import load_file
+
+    run_dir = pretrain.run(
+        tiny_config(tmp_path, small_corpus, compile=True, max_steps=2, eval_every=0, num_samples=1, sample_tokens=2)
+    )
+    assert not any(key.startswith("_orig_mod") for key in load_file(run_dir / "model.safetensors"))
+    AutoModelForCausalLM.from_pretrained(run_dir)

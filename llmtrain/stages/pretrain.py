@@ -76,7 +76,7 @@ def run(cfg: PretrainConfig) -> Path:
         total_steps = min(total_steps, math.ceil(cfg.max_tokens / tokens_per_step))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     if cfg.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: state_dict keys stay those of the HF model, so checkpoints load anywhere
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)  # the bare HF model, for config, sampling and saving
     flops_tok = flops_per_token(
