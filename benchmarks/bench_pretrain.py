@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -116,6 +117,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def library_loop(cfg: PretrainConfig, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """(A) llmtrain's loop: tokens of the logged windows after the warm-up over their summed time."""
     torch.set_num_threads(args.threads)
+    gc.collect()  # start with the previous measurement's garbage collected
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with quiet(args.verbose):
@@ -137,6 +139,7 @@ def bare_loop(
     """(B) the same steps without the library: pre-fetched batches, no logging, no per-step sync."""
     device = batches[0][0].device
     torch.set_num_threads(args.threads)
+    gc.collect()
     model = make_model().to(device)
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)

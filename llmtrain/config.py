@@ -110,7 +110,68 @@ class PretrainConfig(RunConfig):
     keep_checkpoints: int = 2
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+@dataclass
+class SftConfig(RunConfig):
+    """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
+
+    init: str = field(
+        default="latest",
+        metadata={"help": "Model to tune: 'latest' pretrain run, a run, a local checkpoint or a Hub id."},
+    )
+    data: str = field(
+        default="default",
+        metadata={"help": "'default' (embedded task), a .jsonl/.json/.parquet file, a folder, or a Hub id."},
+    )
+    eval_data: str | None = field(
+        default="default",
+        metadata={"help": "Held-out rows: 'default' (the task's, or a split of --data), a file, or a Hub id."},
+    )
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    eval_split: str = field(default="test", metadata={"help": "Hub split for evaluation when there is one."})
+    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many training rows."})
+    val_fraction: float = field(default=0.05, metadata={"help": "Held out from --data when it has no eval split."})
+    max_length: int = field(default=128, metadata={"help": "Longer examples are truncated, or dropped."})
+    packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
+    # model
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated or all-linear."})
+    merge_lora: bool = field(default=True, metadata={"help": "Save the merged model (false: the adapter)."})
+    compile: bool = False
+    mixed_precision: str = "auto"
+    # optimisation
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
+    max_steps: int | None = None
+    max_time_s: float | None = None
+    # evaluation
+    task: str = field(
+        default="auto",
+        metadata={"help": "Answer checker for task_accuracy: auto (the default task), none, or module:function."},
+    )
+    task_eval_rows: int = field(default=400, metadata={"help": "Held-out prompts answered for task_accuracy."})
+    max_new_tokens: int = 24
+    eval_every: int = 100
+    log_every: int = 10
+    num_samples: int = 3
+    save_every: int = 200
+    keep_checkpoints: int = 2
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SftConfig}
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:

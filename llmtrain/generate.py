@@ -44,6 +44,32 @@ def sample(
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: the chat end-of-turn token when the vocabulary has one, and EOS."""
+    from llmtrain.tokenizer import END_OF_TURN
+
+    ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN)] if END_OF_TURN in tokenizer.get_vocab() else []
+    return ids + [tokenizer.eos_token_id]
+
+
+def chat_replies(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 64, **sampling
+) -> list[str]:
+    """The assistant's next reply to each conversation, rendered with the chat template; stops at end of turn."""
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    replies: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        replies += sample(
+            model,
+            tokenizer,
+            prompts[i : i + batch_size],
+            max_new_tokens,
+            stop_token_ids=stop_token_ids(tokenizer),
+            **sampling,
+        )
+    return [r.strip() for r in replies]
+
+
 def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
     """Load a run, local checkpoint or Hub model and its tokenizer for sampling."""
     from llmtrain.errors import LLMTrainError

@@ -8,7 +8,6 @@ budget or a signal, ends the same way: a checkpoint or a finished run, never a l
 from __future__ import annotations
 
 import math
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +31,14 @@ from llmtrain.generate import sample
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import ModelSource, load_causal_lm, preset_config, resolve_model
 from llmtrain.run_dir import Run
-from llmtrain.runtime import cache_dir, make_accelerator, print_main
+from llmtrain.runtime import (
+    cache_dir,
+    install_signal_handlers,
+    make_accelerator,
+    print_main,
+    progress_bar,
+    restore_signal_handlers,
+)
 from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 
 PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"], "learning rate": ["lr"]}
@@ -114,8 +120,8 @@ def run(cfg: PretrainConfig) -> Path:
     )
 
     # ---- the loop
-    stop_signal = _install_signal_handlers()
-    progress = _progress_bar(accelerator, total_steps, step)
+    stop_signal = install_signal_handlers()
+    progress = progress_bar(accelerator, total_steps, step, "pretrain")
     model.train()
     last_val: dict[str, float] = {}
     train_loss = float("nan")
@@ -200,7 +206,7 @@ def run(cfg: PretrainConfig) -> Path:
         raise
     finally:
         progress.close()
-        _restore_signal_handlers()
+        restore_signal_handlers()
 
     # ---- the end: evaluate, sample, save a Hugging Face checkpoint, register
     final_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
@@ -302,43 +308,6 @@ def _stop_reason(cfg: PretrainConfig, step: int, total_steps: int, tokens_seen: 
     if cfg.max_time_s and train_time >= cfg.max_time_s:
         return "max_time_s"
     return None
-
-
-_signal_state: dict[int, object] = {}
-
-
-def _install_signal_handlers() -> list[int]:
-    """SIGTERM/SIGINT set a flag that the loop checks after each step (then it checkpoints and exits)."""
-    received = [0]
-
-    def handler(signum, frame):
-        received[0] = signum
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            _signal_state[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker); signals stay default
-            pass
-    return received
-
-
-def _restore_signal_handlers() -> None:
-    for sig, old in _signal_state.items():
-        signal.signal(sig, old)
-    _signal_state.clear()
-
-
-def _progress_bar(accelerator, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
 
 
 def _print_samples(write, model, tokenizer, val_data: TokenWindows, cfg: PretrainConfig) -> None:

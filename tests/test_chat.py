@@ -1,0 +1,269 @@
+import copy
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmtrain.data.chat import (
+    IGNORE_INDEX,
+    Example,
+    collate_packed,
+    collate_padded,
+    ensure_chat_template,
+    load_chat_rows,
+    masked_lm_loss,
+    pack_examples,
+    to_messages,
+    tokenize_chat,
+    tokenize_dataset,
+)
+from llmtrain.data.corpus import REPO_DATA_DIR
+from llmtrain.errors import LLMTrainError
+from llmtrain.registry import preset_config
+from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+SAMPLES = REPO_DATA_DIR / "samples"
+SFT_FILES = ("sft_prompt_response.jsonl", "sft_messages.jsonl", "sft_alpaca.jsonl")
+SYSTEM = "You are a careful arithmetic tutor. Answer with the full equation."
+MULTI_TURN = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "What is 45 + 42?"},
+    {"role": "assistant", "content": "45 + 42 = 87"},
+    {"role": "user", "content": "What is 76 - 47?"},
+    {"role": "assistant", "content": "76 - 47 = 29"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    lines = (REPO_DATA_DIR / "corpus.txt").read_text().splitlines()[:300]
+    for name in SFT_FILES:
+        lines += (SAMPLES / name).read_text().splitlines()
+    return train_tokenizer(lines, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def sample_chats() -> list[list[dict]]:
+    return [m for name in SFT_FILES for m in load_chat_rows(str(SAMPLES / name))]
+
+
+@pytest.fixture(scope="module")
+def nano_model(tok):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config("gpt-nano", len(tok), 256, {}))
+    assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32
+    return model.eval()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- rows -> messages
+
+
+def test_prompt_response_rows_become_a_user_and_an_assistant_message():
+    chats = load_chat_rows(str(SAMPLES / "sft_prompt_response.jsonl"))
+    assert len(chats) == 10
+    assert chats[0] == [
+        {"role": "user", "content": "What is 87 + 56?"},
+        {"role": "assistant", "content": "87 + 56 = 143"},
+    ]
+
+
+def test_messages_rows_keep_every_turn_in_order():
+    chats = load_chat_rows(str(SAMPLES / "sft_messages.jsonl"))
+    assert len(chats) == 7
+    assert chats[0] == MULTI_TURN
+    assert chats[1] == [
+        {"role": "user", "content": "What is 75 - 43?"},
+        {"role": "assistant", "content": "75 - 43 = 32"},
+    ]
+
+
+def test_alpaca_rows_put_the_input_after_a_blank_line_only_when_there_is_one():
+    chats = load_chat_rows(str(SAMPLES / "sft_alpaca.jsonl"), max_rows=2)
+    assert chats == [
+        [
+            {"role": "user", "content": "Solve the arithmetic problem.\n\nWhat is 54 - 34?"},
+            {"role": "assistant", "content": "54 - 34 = 20"},
+        ],
+        [{"role": "user", "content": "What is 69 - 18?"}, {"role": "assistant", "content": "69 - 18 = 51"}],
+    ]
+
+
+def test_completion_is_an_alias_of_response_and_may_be_a_message_list():
+    assert to_messages({"prompt": "2 + 2?", "completion": "4"}, "x") == [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+    assert to_messages(row, "x") == row["prompt"] + row["completion"]
+
+
+def test_a_folder_of_jsonl_json_and_parquet_files_is_read_in_file_order(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p1", "response": "r1"}, ""])  # blank lines are skipped
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "p2", "input": "", "output": "r2"}]))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p3", "response": "r3"}]), tmp_path / "c.parquet")
+    chats = load_chat_rows(str(tmp_path))
+    assert [[m["content"] for m in chat] for chat in chats] == [["p1", "r1"], ["p2", "r2"], ["p3", "r3"]]
+    assert len(load_chat_rows(str(tmp_path), max_rows=2)) == 2
+
+
+def test_a_line_that_is_not_json_is_reported_with_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "response": "r"}, "", '{"prompt": "p",'])
+    with pytest.raises(LLMTrainError, match=r"data\.jsonl, line 3: not valid JSON"):
+        load_chat_rows(str(path))
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"question": "q", "answer": "a"}, r"unrecognised row shape \(keys: 'question', 'answer'\)"),
+        (["prompt", "response"], "a row must be a JSON object"),
+        ({"prompt": "q"}, "needs a 'response'"),
+        ({"messages": "hello"}, "'messages' must be a non-empty list of messages"),
+        ({"instruction": "q", "input": 3, "output": "a"}, "'input' must be a string"),
+    ],
+)
+def test_rows_of_unknown_shape_name_file_and_line_and_list_the_accepted_shapes(tmp_path, row, problem):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "response": "r"}, row])
+    with pytest.raises(LLMTrainError, match=r"data\.jsonl, line 2: .*" + problem) as err:
+        load_chat_rows(str(path))
+    assert "Accepted row shapes" in str(err.value) and '"instruction"' in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"prompt": "q", "response": "  "}, "response is empty"),
+        ({"instruction": "q", "input": "", "output": ""}, "output is empty"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "message 2 .* empty"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "no assistant turn"),
+        ({"messages": [{"role": "human", "content": "q"}]}, "unknown role 'human'"),
+        ({"messages": [{"role": "user", "content": ["q"]}]}, "has list content; content must be a string"),
+    ],
+)
+def test_bad_conversations_name_the_row_and_the_fix(row, problem):
+    with pytest.raises(LLMTrainError, match=r"^data\.jsonl, line 7: .*" + problem):
+        to_messages(row, "data.jsonl, line 7")
+
+
+def test_a_missing_file_and_an_unloadable_hub_id_give_clear_errors(tmp_path):
+    with pytest.raises(LLMTrainError, match="does not exist"):
+        load_chat_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(LLMTrainError, match="Could not load 'nobody-here/no-such-chat-data'.*Hub data set"):
+        load_chat_rows("nobody-here/no-such-chat-data")
+
+
+# ---------------------------------------------------------------- messages -> examples
+
+
+def test_only_assistant_answers_and_their_end_tokens_are_trained_in_a_multi_turn_chat(tok):
+    example = tokenize_chat(tok, MULTI_TURN, max_length=256)
+    trained = [t for t in example.labels if t != IGNORE_INDEX]
+    assert tok.decode(trained) == "45 + 42 = 87<|end|>76 - 47 = 29<|end|>"
+    assert [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX] == trained
+    assert tok.decode(example.input_ids) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
+
+
+def test_a_template_without_generation_markers_fails_with_the_fix(tok):
+    plain = copy.deepcopy(tok)
+    plain.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(LLMTrainError, match=r"does not wrap assistant turns in \{% generation %\}.*project's template"):
+        tokenize_chat(plain, MULTI_TURN, max_length=256)
+
+
+def test_ensure_chat_template_fills_in_only_a_missing_template(tok):
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    assert ensure_chat_template(bare).chat_template == CHAT_TEMPLATE
+    bare.chat_template = "{{ messages[0]['content'] }}"
+    assert ensure_chat_template(bare).chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_long_examples_are_truncated_while_an_answer_token_survives_and_dropped_otherwise(tok):
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "2 + 2 = 4"}]
+    long_prompt = [{"role": "user", "content": "What is 12 + 34? " * 10}, {"role": "assistant", "content": "46"}]
+    full = tokenize_chat(tok, MULTI_TURN, max_length=1000)
+    first_answer = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    cut = first_answer + 3  # keeps the first three tokens of the first answer
+
+    examples, stats = tokenize_dataset(tok, [short, MULTI_TURN, long_prompt], max_length=cut)
+    assert len(examples) == 2  # the long prompt leaves no answer token within `cut`
+    assert examples[1].input_ids == full.input_ids[:cut] and examples[1].labels == full.labels[:cut]
+    assert (stats.rows, stats.truncated, stats.dropped) == (3, 1, 1)
+    assert stats.tokens == sum(len(e.input_ids) for e in examples)
+    assert stats.trained_tokens == sum(label != IGNORE_INDEX for e in examples for label in e.labels)
+    assert "1 truncated" in stats.summary(cut) and "1 dropped" in stats.summary(cut)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_padded_batches_pad_to_the_longest_example_in_the_batch_only():
+    examples = [Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9])]
+    batch = collate_padded(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+
+
+def test_packing_fills_rows_best_fit_decreasing_and_restarts_positions_per_example():
+    examples = [Example([i] * n, [i] * n) for i, n in enumerate([6, 5, 4, 3, 2], start=1)]
+    rows = pack_examples(examples, max_length=10)
+    assert [r.input_ids for r in rows] == [[1] * 6 + [3] * 4, [2] * 5 + [4] * 3 + [5] * 2]
+    assert rows[1].position_ids == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    # The first token of every example is never a target, whatever the example's own labels say.
+    assert rows[1].labels == [-100, 2, 2, 2, 2, -100, 4, 4, -100, 5]
+    with pytest.raises(LLMTrainError, match="does not fit max_length=4"):
+        pack_examples(examples, max_length=4)
+
+
+def test_packed_collation_pads_with_a_separate_segment_and_no_attention_mask():
+    rows = pack_examples([Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [-100, 5]), Example([6], [6])], 5)
+    batch = collate_packed(rows, pad_id=0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100] * 5]
+
+
+def test_masked_loss_is_transformers_shifted_loss_summed_with_its_token_count(tok, sample_chats, nano_model):
+    examples, _ = tokenize_dataset(tok, sample_chats[:4], max_length=256)
+    batch = collate_padded(examples, tok.pad_token_id)
+    with torch.no_grad():
+        out = nano_model(**batch, use_cache=False)
+    total, count = masked_lm_loss(out.logits, batch["labels"])
+    assert count == sum(label != IGNORE_INDEX for e in examples for label in e.labels)
+    torch.testing.assert_close(total / count, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_batch_loss_equals_the_examples_run_one_by_one(tok, sample_chats, nano_model):
+    examples, stats = tokenize_dataset(tok, sample_chats, max_length=128)
+    rows = pack_examples(examples, max_length=96)
+    assert len(rows) < len(examples) and len({len(r.input_ids) for r in rows}) > 1  # really packed, and padded
+    batch = collate_packed(rows, tok.pad_token_id)
+    with torch.no_grad():
+        logits = nano_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed_loss, packed_count = masked_lm_loss(logits, batch["labels"])
+        alone = [
+            masked_lm_loss(nano_model(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]))
+            for e in examples
+        ]
+        # Control: the same rows with one running position per row let attention and positions leak.
+        running = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        leaky_logits = nano_model(input_ids=batch["input_ids"], position_ids=running, use_cache=False).logits
+        leaky_loss, _ = masked_lm_loss(leaky_logits, batch["labels"])
+    alone_loss = torch.stack([loss for loss, _ in alone]).sum()
+    assert packed_count == sum(int(n) for _, n in alone) == stats.trained_tokens
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-5)
+    # Far outside the tolerance above (the gap is small only because a random model attends almost uniformly).
+    assert abs(leaky_loss - alone_loss) > 10 * (1e-5 * alone_loss + 1e-5)
