@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmtrain.errors import LLMTrainError, RunInterrupted
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 
 
 def run_stage(stage: str, argv: list[str]) -> int:

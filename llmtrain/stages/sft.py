@@ -1,0 +1,378 @@
+"""Supervised fine-tuning: a causal LM on prompt/response or chat data, loss on assistant tokens only.
+
+Read top to bottom: accelerator and run folder, the model to tune (and LoRA), the chat data, the
+parent's task accuracy, the loop, the end (evaluate, sample, save, register). Batches are a pure
+function of (seed, step), and the loss of a step is averaged over the trained tokens of the whole
+global batch, so resuming, accumulating and adding processes all give the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmtrain.config import SftConfig, config_to_dict
+from llmtrain.data.chat import (
+    collate_packed,
+    collate_padded,
+    ensure_chat_template,
+    load_chat_rows,
+    masked_lm_loss,
+    pack_examples,
+    tokenize_dataset,
+)
+from llmtrain.data.corpus import default_data_dir
+from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.evaluate import resolve_checker, task_accuracy
+from llmtrain.generate import chat_replies
+from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
+from llmtrain.registry import latest_run, load_causal_lm, resolve_model
+from llmtrain.run_dir import Run
+from llmtrain.runtime import (
+    cache_dir,
+    install_signal_handlers,
+    make_accelerator,
+    print_main,
+    progress_bar,
+    restore_signal_handlers,
+)
+from llmtrain.tokenizer import load_tokenizer, save_tokenizer
+
+PLOT_CURVES = {
+    "loss (assistant tokens)": ["train_loss", "val_loss"],
+    "task accuracy": ["task_accuracy"],
+    "learning rate": ["lr"],
+}
+
+
+def run(cfg: SftConfig) -> Path:
+    """Fine-tune per `cfg`; returns the finished run directory."""
+    _check_config(cfg)
+    accelerator = make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    init = _resolve_init(cfg)
+    run = Run.open(cfg, "sft", _parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
+
+    # ---- model, tokenizer, LoRA
+    tokenizer = load_tokenizer(init.path)
+    ensure_chat_template(tokenizer)
+    model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
+    model.config.use_cache = False  # training never needs the KV cache; packed rows must not use one
+    if cfg.lora:
+        model = _add_lora(model, cfg)
+
+    # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
+    train_rows, eval_rows = _load_rows(cfg)
+    train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length)
+    eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length)
+    if not train_examples:
+        raise LLMTrainError(f"No training example of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
+    items = pack_examples(train_examples, cfg.max_length) if cfg.packing else train_examples
+    collate = collate_packed if cfg.packing else collate_padded
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = len(items) / (global_batch * cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_prompts = [_prompt_of(m) for m in eval_rows][: cfg.task_eval_rows]
+    checker = resolve_checker(cfg.task, [p for p in eval_prompts if p is not None])
+
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    if cfg.compile:
+        model.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    step, train_time, parent_metrics = 0, 0.0, {}
+    if run.resume_from is not None:
+        state = run.load_checkpoint(accelerator)
+        step, train_time, parent_metrics = state["step"], state["train_time_s"], state["parent_metrics"]
+        run.truncate_metrics(step)
+        print_main(accelerator, f"Resuming {run.name} from step {step}.")
+    else:
+        parent_metrics = _evaluate(model, raw_model, tokenizer, eval_examples, eval_prompts, checker, cfg, accelerator)
+    run.start(
+        config_to_dict(cfg),
+        parent=init.run_name or init.path,
+        preset=_parent_manifest(init).get("preset"),
+        model={
+            "source": init.kind,
+            "spec": init.spec,
+            "lora": cfg.lora,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        },
+        data={
+            "train": cfg.data,
+            "eval": cfg.eval_data,
+            "packing": cfg.packing,
+            **vars(train_stats),
+            "eval_rows": len(eval_rows),
+            "train_items": len(items),
+        },
+        parent_metrics=parent_metrics,
+        world_size=world,
+    )
+    if cfg.tracker:
+        accelerator.init_trackers(run.name, config=config_to_dict(cfg))
+    print_main(
+        accelerator,
+        f"run {run.name}: tuning {init.spec} on {len(train_examples):,} examples "
+        f"({train_stats.truncated} truncated, {train_stats.dropped} dropped, {len(items):,} "
+        f"{'packed rows' if cfg.packing else 'examples'}), {total_steps} steps; parent "
+        + ", ".join(f"{k} {v:.4f}" for k, v in parent_metrics.items()),
+    )
+
+    # ---- the loop
+    stop_signal = install_signal_handlers()
+    progress = progress_bar(accelerator, total_steps, step, "sft")
+    model.train()
+    train_loss, stop = float("nan"), "max_steps"
+    window = {"tokens": 0, "time": 0.0}
+    try:
+        while step < total_steps:
+            if cfg.max_time_s and train_time >= cfg.max_time_s:
+                stop = "max_time_s"
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [
+                collate(
+                    [
+                        items[i]
+                        for i in _batch_indices(len(items), global_batch, cfg.seed, step * cfg.grad_accum + micro)[
+                            rank::world
+                        ]
+                    ],
+                    tokenizer.pad_token_id,
+                )
+                for micro in range(cfg.grad_accum)
+            ]
+            # Average over the trained tokens of the whole global batch: every token weighs the same,
+            # however the batch is split across micro-steps and processes.
+            n_tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)), device=device)
+            n_global = accelerator.reduce(n_tokens, reduction="sum") if world > 1 else n_tokens
+            loss_sum = torch.zeros((), device=device)
+            for micro, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _null()
+                with sync:
+                    logits = model(**batch, use_cache=False).logits
+                    summed, _ = masked_lm_loss(logits, labels)
+                    # DDP averages gradients over processes, hence the factor `world`.
+                    accelerator.backward(summed * world / n_global.clamp(min=1))
+                loss_sum += summed.detach()
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            flags = torch.stack([loss_sum, torch.tensor(float(stop_signal[0]), device=device)])
+            flags = accelerator.reduce(flags, reduction="sum") if world > 1 else flags
+            train_loss, signalled = (flags[0] / n_global.clamp(min=1)).item(), flags[1].item() > 0
+            if not math.isfinite(train_loss):
+                raise LLMTrainError(
+                    f"The training loss became {train_loss} at step {step} (lr {lr:.3g}); the run stopped. "
+                    f"The last good checkpoint is kept in {run.path}. Lower --lr and start again."
+                )
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window["tokens"] += int(sum(b["input_ids"].numel() for b in batches)) * world
+            window["time"] += dt
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                tok_s = window["tokens"] / window["time"]
+                run.log_metrics(step, {"train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s}, accelerator)
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                window = {"tokens": 0, "time": 0.0}
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                val = _evaluate(model, raw_model, tokenizer, eval_examples, [], None, cfg, accelerator)
+                run.log_metrics(step, val, accelerator)
+            state = {"train_time_s": train_time, "parent_metrics": parent_metrics}
+            if signalled:
+                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+                run.update(status="interrupted")
+                raise RunInterrupted(run.name, str(run.path), step, stop_signal[0])
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+    except LLMTrainError:
+        run.update(status="failed")
+        raise
+    finally:
+        progress.close()
+        restore_signal_handlers()
+
+    # ---- the end: evaluate, sample, save, register
+    final = _evaluate(model, raw_model, tokenizer, eval_examples, eval_prompts, checker, cfg, accelerator, show=True)
+    run.log_metrics(step, final, accelerator)
+    accelerator.wait_for_everyone()
+    _save(raw_model, accelerator.get_state_dict(model), tokenizer, run, cfg, accelerator)
+    metrics = {
+        **final,
+        "train_loss": train_loss,
+        "steps": step,
+        "train_time_s": round(train_time, 2),
+        "stop_reason": stop,
+    }
+    metrics.update({f"parent_{k}": v for k, v in parent_metrics.items()})
+    run.update(status="finished", metrics=metrics)
+    run.plot(PLOT_CURVES)
+    run.remove_checkpoints()
+    accelerator.end_training()
+    gains = ", ".join(f"{k} {parent_metrics[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent_metrics)
+    print_main(accelerator, f"\nFinished {run.name}: {gains}; {train_time:.1f} s training. Saved to {run.path}")
+    return run.path
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_config(cfg: SftConfig) -> None:
+    if cfg.schedule not in SCHEDULES:
+        raise LLMTrainError(f"Unknown schedule '{cfg.schedule}'. Choose one of: {', '.join(SCHEDULES)}.")
+    for name in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise LLMTrainError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
+
+
+def _resolve_init(cfg: SftConfig):
+    if cfg.init == "latest":
+        latest = latest_run(cfg.runs_dir, "pretrain")
+        if latest is None:
+            raise LLMTrainError(
+                f"--init latest: there is no finished pretrain run in {cfg.runs_dir} to fine-tune. Make one with "
+                f"`accelerate launch recipes/pretrain.py` (or run the stages in order with "
+                f"`python recipes/pipeline.py`), or give --init a run, a checkpoint folder or a Hub id."
+            )
+        return resolve_model(latest["_dir"], cfg.runs_dir)
+    source = resolve_model(cfg.init, cfg.runs_dir)
+    if source.kind == "preset":
+        raise LLMTrainError(f"--init {cfg.init} is a preset with random weights; fine-tune a trained model.")
+    return source
+
+
+def _parent_manifest(init) -> dict:
+    from llmtrain.registry import read_manifest
+
+    try:
+        return read_manifest(init.path) if init.kind == "run" else {}
+    except LLMTrainError:
+        return {}
+
+
+def _load_rows(cfg: SftConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """Training and held-out conversations: the task's own split for the default, else --eval_data or a split."""
+    default_dir = default_data_dir(cache_dir(cfg))
+    train_spec = str(default_dir / "sft_train.jsonl") if cfg.data == "default" else cfg.data
+    rows = load_chat_rows(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
+    if cfg.eval_data == "default" and cfg.data == "default":
+        return rows, load_chat_rows(str(default_dir / "sft_val.jsonl"))
+    if cfg.eval_data not in (None, "default"):
+        return rows, load_chat_rows(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    n_eval = max(1, round(cfg.val_fraction * len(rows)))
+    eval_idx = set(order[:n_eval].tolist())
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
+
+
+def _prompt_of(messages: list[dict]) -> str | None:
+    """The user question of a single-turn conversation (what task accuracy asks), else None."""
+    users = [m for m in messages if m["role"] == "user"]
+    return users[0]["content"] if len(users) == 1 else None
+
+
+def _batch_indices(n: int, global_batch: int, seed: int, j: int) -> np.ndarray:
+    """Indices of global batch j in an endless stream of per-epoch shuffles of range(n)."""
+    positions = np.arange(j * global_batch, (j + 1) * global_batch)
+    epochs, offsets = positions // n, positions % n
+    out = np.empty(global_batch, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return out
+
+
+def _add_lora(model, cfg: SftConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@torch.no_grad()
+def _evaluate(
+    model, raw_model, tokenizer, examples, prompts, checker, cfg: SftConfig, accelerator, show: bool = False
+) -> dict[str, float]:
+    """Held-out loss on assistant tokens, and task accuracy of greedy answers when a checker applies."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = examples[rank::world]
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = {
+            k: v.to(accelerator.device)
+            for k, v in collate_padded(mine[i : i + cfg.batch_size], tokenizer.pad_token_id).items()
+        }
+        labels = batch.pop("labels")
+        summed, count = masked_lm_loss(model(**batch, use_cache=False).logits, labels)
+        sums += torch.stack([summed.double(), count.double()])
+    sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
+    metrics = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if checker is not None and prompts:
+        _, results = task_accuracy(raw_model, tokenizer, prompts[rank::world], checker, cfg.max_new_tokens)
+        results = gather_object(results) if world > 1 else results
+        metrics["task_accuracy"] = sum(ok for *_, ok in results) / len(results)
+        if show and accelerator.is_main_process:
+            print("samples (held-out prompts, greedy):")
+            for prompt, reply, ok in results[: cfg.num_samples]:
+                print(f"  {prompt!r} -> {reply!r} {'correct' if ok else 'wrong'}")
+    elif show and accelerator.is_main_process and cfg.num_samples:
+        convs = [[{"role": "user", "content": p}] for p in prompts[: cfg.num_samples] if p]
+        for conv, reply in zip(convs, chat_replies(raw_model, tokenizer, convs, cfg.max_new_tokens, greedy=True)):
+            print(f"  {conv[0]['content']!r} -> {reply!r}")
+    if was_training:
+        model.train()
+    return metrics
+
+
+def _save(raw_model, state_dict, tokenizer, run: Run, cfg: SftConfig, accelerator) -> None:
+    """Save a Hugging Face checkpoint: merged weights by default, or the LoRA adapter with --merge_lora false."""
+    if not accelerator.is_main_process:
+        return
+    from llmtrain.generate import stop_token_ids
+
+    model = raw_model
+    if cfg.lora and cfg.merge_lora:
+        model = raw_model.merge_and_unload()
+        state_dict = None
+    base = model.get_base_model() if cfg.lora and not cfg.merge_lora else model
+    base.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.config.use_cache = True
+    model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
+    save_tokenizer(tokenizer, run.path)
