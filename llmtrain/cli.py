@@ -1,4 +1,4 @@
-"""`llmtrain <command>`: run a stage, list runs, sample from a run, train a tokenizer."""
+"""`llmtrain <command>`: run a stage, list runs, sample, chat with or evaluate a run, train a tokenizer."""
 
 from __future__ import annotations
 
@@ -59,12 +59,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from llmtrain.evaluate import evaluate_chat_model
+
+    metrics = evaluate_chat_model(
+        args.run, _runs_dir(args.runs_dir), args.data, args.task, args.max_rows, max_new_tokens=args.max_new_tokens
+    )
+    print(json.dumps({"run": args.run, "data": args.data, **metrics}, indent=2))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.generate import chat_replies, load_for_generation
+
+    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir))
+    ensure_chat_template(tokenizer)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"Chatting with {args.run}. An empty line or Ctrl-D ends the chat.", flush=True)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        sampling = {"greedy": True} if args.temperature == 0 else {"temperature": args.temperature}
+        reply = chat_replies(model, tokenizer, [messages], args.max_new_tokens, **sampling)[0]
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
     from llmtrain.runtime import cache_dir
     from llmtrain.tokenizer import save_tokenizer, train_tokenizer
 
-    cache = cache_dir(argparse.Namespace(cache_dir=None))
+    cache = cache_dir()
     docs = load_documents(resolve_corpus(args.data, cache), text_field=args.text_field)
     tokenizer = train_tokenizer(documents_for_tokenizer(docs), args.vocab_size, args.model_max_length)
     save_tokenizer(tokenizer, args.out)
@@ -93,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a run on held-out chat data (loss and task accuracy)")
+    p.add_argument("run", help="run name, run folder or HF checkpoint")
+    p.add_argument("--data", default="default", help="held-out chat rows (default: the task's sft_val.jsonl)")
+    p.add_argument("--task", default="auto", help="answer checker: auto, none or module:function")
+    p.add_argument("--max_rows", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a run in the terminal, using its chat template")
+    p.add_argument("run", help="run name, run folder or HF checkpoint")
+    p.add_argument("--system", default=None, help="a system message to start the chat with")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--data", default="default")

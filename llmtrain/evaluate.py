@@ -92,3 +92,69 @@ def task_accuracy(
     )
     results = [(p, r, bool(checker(p, r))) for p, r in zip(prompts, replies)]
     return sum(ok for *_, ok in results) / max(len(results), 1), results
+
+
+@torch.no_grad()
+def chat_eval_loss(model, examples, pad_id: int, batch_size: int, accelerator) -> float:
+    """Mean loss over the trained (assistant) tokens of held-out chat examples, across processes."""
+    from llmtrain.data.chat import collate_padded, masked_lm_loss
+
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = examples[rank::world]
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate_padded(mine[i : i + batch_size], pad_id).items()}
+        labels = batch.pop("labels")
+        summed, count = masked_lm_loss(model(**batch, use_cache=False).logits, labels)
+        sums += torch.stack([summed.double(), count.double()])
+    sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
+    if was_training:
+        model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def distributed_task_accuracy(
+    model, tokenizer, prompts: list[str], checker: Checker, max_new_tokens: int, accelerator
+) -> tuple[float, list[tuple[str, str, bool]]]:
+    """task_accuracy with the prompts split across processes and the answers gathered."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    _, results = task_accuracy(model, tokenizer, prompts[rank::world], checker, max_new_tokens)
+    results = gather_object(results) if world > 1 else results
+    return sum(ok for *_, ok in results) / max(len(results), 1), results
+
+
+def evaluate_chat_model(
+    spec: str,
+    runs_dir: str,
+    data: str = "default",
+    task: str = "auto",
+    max_rows: int | None = None,
+    max_length: int = 512,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Evaluate any run or checkpoint on held-out chat data: assistant-token loss and task accuracy."""
+    from accelerate import Accelerator
+
+    from llmtrain.data.chat import ensure_chat_template, load_chat_rows, tokenize_dataset
+    from llmtrain.data.corpus import default_data_dir
+    from llmtrain.generate import load_for_generation
+    from llmtrain.runtime import cache_dir
+
+    model, tokenizer = load_for_generation(spec, runs_dir)
+    ensure_chat_template(tokenizer)
+    if data == "default":
+        data = str(default_data_dir(cache_dir()) / "sft_val.jsonl")
+    rows = load_chat_rows(data, max_rows=max_rows)
+    examples, _ = tokenize_dataset(tokenizer, rows, max_length)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    metrics = {"val_loss": chat_eval_loss(model, examples, tokenizer.pad_token_id, batch_size, accelerator)}
+    prompts = [m[0]["content"] for m in rows if len(m) == 2 and m[0]["role"] == "user"]
+    checker = resolve_checker(task, prompts)
+    if checker is not None:
+        metrics["task_accuracy"], _ = task_accuracy(model, tokenizer, prompts, checker, max_new_tokens)
+    return metrics

@@ -74,10 +74,9 @@ def make_accelerator(cfg: Any):
     return accelerator
 
 
-def cache_dir(cfg: Any) -> Path:
-    """Where token shards and trained tokenizers are cached: --cache_dir, $LLMTRAIN_CACHE or ~/.cache/llmtrain."""
-    path = cfg.cache_dir or os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain"
-    path = Path(path)
+def cache_dir(configured: str | None = None) -> Path:
+    """Where token shards and trained tokenizers are cached: the given folder, $LLMTRAIN_CACHE or ~/.cache/llmtrain."""
+    path = Path(configured or os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

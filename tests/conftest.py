@@ -65,4 +65,4 @@ def finished_run(tmp_path_factory, small_corpus) -> Path:
     from llmtrain.stages import pretrain
 
     runs = tmp_path_factory.mktemp("runs")
-    return pretrain.run(tiny_config(runs, small_corpus, run_name="tiny", max_steps=60))
+    return pretrain.run(tiny_config(runs, small_corpus, run_name="tiny", max_steps=60, seq_len=64))

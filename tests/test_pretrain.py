@@ -32,10 +32,10 @@ def test_loss_falls_and_the_run_is_a_loadable_hf_checkpoint(finished_run):
 def test_manifest_records_lineage_config_data_and_metrics(finished_run):
     m = json.loads((finished_run / "llmtrain.json").read_text())
     assert m["stage"] == "pretrain" and m["status"] == "finished" and m["preset"] == "gpt-nano"
-    assert m["parent"] is None and m["config"]["max_steps"] == 60 and m["config"]["seq_len"] == 32
+    assert m["parent"] is None and m["config"]["max_steps"] == 60 and m["config"]["seq_len"] == 64
     for key in ("val_loss", "val_bpb", "tokens_seen", "tokens_per_s", "train_time_s"):
         assert key in m["metrics"], key
-    assert m["metrics"]["tokens_seen"] == 60 * 8 * 32
+    assert m["metrics"]["tokens_seen"] == 60 * 8 * 64
     assert 0 < m["metrics"]["val_bpb"] < 8
     assert m["data"]["fingerprint"] and m["data"]["documents_read"] == 600 and m["data"]["val_tokens"] > 0
     assert {"torch", "transformers", "accelerate"} <= set(m["versions"])

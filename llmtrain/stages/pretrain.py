@@ -54,7 +54,7 @@ def run(cfg: PretrainConfig) -> Path:
     run = Run.open(cfg, "pretrain", cfg.preset if source.kind == "preset" else "continued", accelerator)
 
     # ---- data: tokenizer, then token shards (built once, by the main process, then cached)
-    cache = cache_dir(cfg)
+    cache = cache_dir(cfg.cache_dir)
     corpus = resolve_corpus(cfg.data, cache)
     read_opts = dict(
         text_field=cfg.text_field,

@@ -27,8 +27,7 @@ from llmtrain.data.chat import (
 )
 from llmtrain.data.corpus import default_data_dir
 from llmtrain.errors import LLMTrainError, RunInterrupted
-from llmtrain.evaluate import resolve_checker, task_accuracy
-from llmtrain.generate import chat_replies
+from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import latest_run, load_causal_lm, resolve_model
 from llmtrain.run_dir import Run
@@ -277,7 +276,7 @@ def _parent_manifest(init) -> dict:
 
 def _load_rows(cfg: SftConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     """Training and held-out conversations: the task's own split for the default, else --eval_data or a split."""
-    default_dir = default_data_dir(cache_dir(cfg))
+    default_dir = default_data_dir(cache_dir(cfg.cache_dir))
     train_spec = str(default_dir / "sft_train.jsonl") if cfg.data == "default" else cfg.data
     rows = load_chat_rows(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
     if cfg.eval_data == "default" and cfg.data == "default":
@@ -321,42 +320,20 @@ def _add_lora(model, cfg: SftConfig):
     return get_peft_model(model, config)
 
 
-@torch.no_grad()
 def _evaluate(
     model, raw_model, tokenizer, examples, prompts, checker, cfg: SftConfig, accelerator, show: bool = False
 ) -> dict[str, float]:
     """Held-out loss on assistant tokens, and task accuracy of greedy answers when a checker applies."""
-    from accelerate.utils import gather_object
-
-    was_training = model.training
-    model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = examples[rank::world]
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = {
-            k: v.to(accelerator.device)
-            for k, v in collate_padded(mine[i : i + cfg.batch_size], tokenizer.pad_token_id).items()
-        }
-        labels = batch.pop("labels")
-        summed, count = masked_lm_loss(model(**batch, use_cache=False).logits, labels)
-        sums += torch.stack([summed.double(), count.double()])
-    sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
-    metrics = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    metrics = {"val_loss": chat_eval_loss(model, examples, tokenizer.pad_token_id, cfg.batch_size, accelerator)}
     if checker is not None and prompts:
-        _, results = task_accuracy(raw_model, tokenizer, prompts[rank::world], checker, cfg.max_new_tokens)
-        results = gather_object(results) if world > 1 else results
-        metrics["task_accuracy"] = sum(ok for *_, ok in results) / len(results)
+        acc, results = distributed_task_accuracy(
+            raw_model, tokenizer, prompts, checker, cfg.max_new_tokens, accelerator
+        )
+        metrics["task_accuracy"] = acc
         if show and accelerator.is_main_process:
             print("samples (held-out prompts, greedy):")
             for prompt, reply, ok in results[: cfg.num_samples]:
                 print(f"  {prompt!r} -> {reply!r} {'correct' if ok else 'wrong'}")
-    elif show and accelerator.is_main_process and cfg.num_samples:
-        convs = [[{"role": "user", "content": p}] for p in prompts[: cfg.num_samples] if p]
-        for conv, reply in zip(convs, chat_replies(raw_model, tokenizer, convs, cfg.max_new_tokens, greedy=True)):
-            print(f"  {conv[0]['content']!r} -> {reply!r}")
-    if was_training:
-        model.train()
     return metrics
 
 

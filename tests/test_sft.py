@@ -1,0 +1,100 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmtrain.config import SftConfig
+from llmtrain.errors import LLMTrainError
+from llmtrain.stages import sft
+
+
+def sft_config(runs_dir, **overrides) -> SftConfig:
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="tiny",
+        max_rows=400,
+        batch_size=16,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        task_eval_rows=24,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        num_samples=1,
+        max_new_tokens=12,
+    )
+    values.update(overrides)
+    return SftConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def sft_run(finished_run):
+    return sft.run(sft_config(finished_run.parent, run_name="sft-tiny"))
+
+
+def test_sft_lowers_the_held_out_loss_and_records_parent_and_task_accuracy(sft_run):
+    m = json.loads((sft_run / "llmtrain.json").read_text())
+    assert m["stage"] == "sft" and m["status"] == "finished" and m["parent"] == "tiny"
+    metrics = m["metrics"]
+    assert metrics["val_loss"] < metrics["parent_val_loss"] - 0.5
+    assert 0.0 <= metrics["task_accuracy"] <= 1.0 and "parent_task_accuracy" in metrics
+    assert m["data"]["rows"] == 400 and m["data"]["trained_tokens"] > 0
+    assert (sft_run / "curves.png").is_file()
+
+
+def test_the_sft_run_loads_and_stops_at_the_end_of_turn(sft_run):
+    model = AutoModelForCausalLM.from_pretrained(sft_run)
+    tokenizer = AutoTokenizer.from_pretrained(sft_run)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in model.generation_config.eos_token_id
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 30?"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert end in out and out.index(end) == len(out) - 1  # generation ends at the end-of-turn token
+
+
+def test_latest_init_without_a_pretrain_run_says_how_to_make_one(tmp_path):
+    with pytest.raises(LLMTrainError, match=r"no finished pretrain run.*accelerate launch recipes/pretrain.py"):
+        sft.run(sft_config(tmp_path, init="latest"))
+
+
+def test_an_unresolvable_init_is_reported(tmp_path):
+    with pytest.raises(LLMTrainError, match="Could not resolve model 'gpt-nope'"):
+        sft.run(sft_config(tmp_path, init="gpt-nope"))
+
+
+def test_packing_trains_as_well(finished_run):
+    run_dir = sft.run(sft_config(finished_run.parent, packing=True, run_name="sft-packed", max_steps=15))
+    m = json.loads((run_dir / "llmtrain.json").read_text())
+    assert m["metrics"]["val_loss"] < m["metrics"]["parent_val_loss"] - 0.5
+    assert m["data"]["train_items"] < 400  # several examples share each packed row
+
+
+def test_lora_is_merged_by_default_or_kept_as_an_adapter(finished_run):
+    from safetensors.torch import load_file
+
+    merged = sft.run(sft_config(finished_run.parent, lora=True, lora_r=4, run_name="sft-lora", max_steps=10))
+    assert not any("lora" in k for k in load_file(merged / "model.safetensors"))
+    AutoModelForCausalLM.from_pretrained(merged)
+    kept = sft.run(
+        sft_config(finished_run.parent, lora=True, lora_r=4, merge_lora=False, max_steps=10, run_name="sft-adapter")
+    )
+    assert (kept / "adapter_config.json").is_file()
+    assert json.loads((kept / "llmtrain.json").read_text())["model"]["trainable_parameters"] < 20_000
+
+
+def test_eval_and_chat_commands_work_on_any_run(sft_run, capsys, monkeypatch):
+    import io
+
+    from llmtrain.cli import main
+
+    assert main(["eval", "sft-tiny", "--max_rows", "8", "--runs_dir", str(sft_run.parent)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"val_loss", "task_accuracy"}
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 12 + 30?\n\n"))
+    assert main(["chat", "sft-tiny", "--max_new_tokens", "12", "--runs_dir", str(sft_run.parent)]) == 0
+    assert "model> " in capsys.readouterr().out
