@@ -145,7 +145,7 @@ class SftConfig(RunConfig):
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     warmup_steps: int = 20
@@ -154,7 +154,7 @@ class SftConfig(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
+    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
     max_steps: int | None = None
     max_time_s: float | None = None
     # evaluation

@@ -140,18 +140,12 @@ def run(cfg: SftConfig) -> Path:
             lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [
-                collate(
-                    [
-                        items[i]
-                        for i in _batch_indices(len(items), global_batch, cfg.seed, step * cfg.grad_accum + micro)[
-                            rank::world
-                        ]
-                    ],
-                    tokenizer.pad_token_id,
-                )
-                for micro in range(cfg.grad_accum)
-            ]
+            # This rank's share of each micro-step's global batch (a pure function of seed and step).
+            chunks = []
+            for micro in range(cfg.grad_accum):
+                idx = _batch_indices(len(items), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
+                chunks.append([items[i] for i in idx])
+            batches = [collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
             # Average over the trained tokens of the whole global batch: every token weighs the same,
             # however the batch is split across micro-steps and processes.
             n_tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)), device=device)
@@ -183,7 +177,7 @@ def run(cfg: SftConfig) -> Path:
                 )
             dt = time.perf_counter() - t0
             train_time += dt
-            window["tokens"] += int(sum(b["input_ids"].numel() for b in batches)) * world
+            window["tokens"] += sum(len(item.input_ids) for chunk in chunks for item in chunk) * world  # no padding
             window["time"] += dt
             progress.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
