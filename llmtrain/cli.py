@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,8 +28,24 @@ def run_stage(stage: str, argv: list[str]) -> int:
     return 0
 
 
+def run_pipeline(argv: list[str]) -> int:
+    """`llmtrain pipeline` / recipes/pipeline.py: the stages in order, one table at the end."""
+    from llmtrain import pipeline
+
+    try:
+        return pipeline.main(argv)
+    except LLMTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+
+
 def _runs_dir(value: str | None) -> str:
-    return value or os.environ.get("LLMTRAIN_RUNS_DIR", "runs")
+    from llmtrain.config import default_runs_dir
+
+    return value or default_runs_dir()
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -113,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage (same flags as recipes/{stage}.py)", add_help=False)
 
+    sub.add_parser("pipeline", help="tokenizer -> pretrain -> sft in order (see recipes/pipeline.py)", add_help=False)
+
     p = sub.add_parser("runs", help="list the runs in the registry")
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_runs)
@@ -160,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGES:
         return run_stage(argv[0], argv[1:])
+    if argv and argv[0] == "pipeline":
+        return run_pipeline(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

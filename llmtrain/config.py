@@ -21,7 +21,7 @@ from llmtrain.errors import LLMTrainError
 C = TypeVar("C")
 
 
-def _default_runs_dir() -> str:
+def default_runs_dir() -> str:
     return os.environ.get("LLMTRAIN_RUNS_DIR", "runs")
 
 
@@ -30,7 +30,7 @@ class RunConfig:
     """Fields every stage shares: where the run lives and how it starts."""
 
     runs_dir: str = field(
-        default_factory=_default_runs_dir,
+        default_factory=default_runs_dir,
         metadata={"help": "Registry folder (or set LLMTRAIN_RUNS_DIR)."},
     )
     run_name: str | None = field(default=None, metadata={"help": "Run name; a readable unique one if unset."})
@@ -216,6 +216,15 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         if key not in names:
             raise _unknown_key_error(key, cls, str(path))
     return values
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """Build a `cls` from a mapping (e.g. one section of a pipeline recipe), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key_error(key, cls, where)
+    return cls(**values)
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:

@@ -1,0 +1,127 @@
+"""The stages in order on one registry: tokenizer -> pretrain -> sft, with one summary table.
+
+A pipeline recipe is a YAML file with one section per stage (`tokenizer:`, `pretrain:`, `sft:`), each
+holding that stage's config keys. Runs are named `<name>-<stage>`; a stage whose run is finished is
+skipped unless it is named in `redo`, so an interrupted pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtrain.config import PretrainConfig, SftConfig, config_from_dict, default_runs_dir
+from llmtrain.errors import LLMTrainError
+from llmtrain.registry import headline, read_manifest
+
+STAGES = ("tokenizer", "pretrain", "sft")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run: str
+    headline: str
+    seconds: float
+    skipped: bool
+
+
+def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str]) -> list[StageResult]:
+    """Run (or skip) each stage in order and return one row per stage."""
+    unknown = set(recipe) - set(STAGES)
+    if unknown:
+        raise LLMTrainError(f"Unknown pipeline section(s) {sorted(unknown)}; the sections are {', '.join(STAGES)}.")
+    results: list[StageResult] = []
+    pretrain_cfg = config_from_dict(
+        PretrainConfig,
+        {**recipe.get("pretrain", {}), "runs_dir": runs_dir, "run_name": f"{name}-pretrain"},
+        "the pipeline's pretrain section",
+    )
+    sft_cfg = config_from_dict(
+        SftConfig,
+        {**recipe.get("sft", {}), "runs_dir": runs_dir, "run_name": f"{name}-sft", "init": f"{name}-pretrain"},
+        "the pipeline's sft section",
+    )
+
+    # tokenizer: trained on the pretraining corpus, saved as a folder beside the runs
+    tok_dir = Path(runs_dir) / f"{name}-tokenizer"
+    tok_opts = {"vocab_size": pretrain_cfg.vocab_size, **recipe.get("tokenizer", {})}
+    if not (tok_dir / "tokenizer.json").is_file() or redo & {"tokenizer", "all"}:
+        t0 = time.perf_counter()
+        _train_tokenizer(pretrain_cfg, tok_dir, tok_opts)
+        results.append(
+            StageResult("tokenizer", tok_dir.name, f"vocab={tok_opts['vocab_size']}", time.perf_counter() - t0, False)
+        )
+        redo = redo | {"pretrain"}  # a new tokenizer invalidates the runs built on the old one
+    else:
+        results.append(StageResult("tokenizer", tok_dir.name, f"vocab={tok_opts['vocab_size']}", 0.0, True))
+
+    pretrain_cfg.tokenizer = str(tok_dir)
+    results.append(_run_stage("pretrain", pretrain_cfg, redo))
+    if results[-1].skipped is False:
+        redo = redo | {"sft"}
+    results.append(_run_stage("sft", sft_cfg, redo))
+    return results
+
+
+def _run_stage(stage: str, cfg: Any, redo: set[str]) -> StageResult:
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    finished = (run_dir / "llmtrain.json").is_file() and read_manifest(run_dir).get("status") == "finished"
+    if finished and not redo & {stage, "all"}:
+        return StageResult(stage, cfg.run_name, headline(read_manifest(run_dir)), 0.0, True)
+    cfg.overwrite = finished
+    module = __import__(f"llmtrain.stages.{stage}", fromlist=["run"])
+    t0 = time.perf_counter()
+    module.run(cfg)
+    return StageResult(stage, cfg.run_name, headline(read_manifest(run_dir)), time.perf_counter() - t0, False)
+
+
+def _train_tokenizer(cfg: PretrainConfig, out: Path, opts: dict[str, Any]) -> None:
+    from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
+    from llmtrain.runtime import cache_dir
+    from llmtrain.tokenizer import save_tokenizer, train_tokenizer
+
+    source = resolve_corpus(cfg.data, cache_dir(cfg.cache_dir))
+    docs = load_documents(
+        source, cfg.text_field, cfg.dataset_config, cfg.dataset_split, cfg.streaming, cfg.max_documents
+    )
+    chars = opts.get("tokenizer_train_chars", cfg.tokenizer_train_chars)
+    tokenizer = train_tokenizer(documents_for_tokenizer(docs, chars), opts["vocab_size"], cfg.seq_len)
+    save_tokenizer(tokenizer, out)
+
+
+def format_table(results: list[StageResult]) -> str:
+    rows = [("stage", "run", "headline metric", "time")]
+    for r in results:
+        rows.append((r.stage, r.run, r.headline, "skipped (exists)" if r.skipped else f"{r.seconds:.0f} s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser.add_argument("--config", help="pipeline recipe (YAML with tokenizer/pretrain/sft sections)")
+    parser.add_argument("--runs_dir", default=None)
+    parser.add_argument("--name", default="pipeline", help="prefix of the run names")
+    parser.add_argument("--redo", default="", help="comma-separated stages to run again, or 'all'")
+    args = parser.parse_args(argv)
+    recipe: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise LLMTrainError(f"Pipeline recipe {path} does not exist.")
+        recipe = yaml.safe_load(path.read_text()) or {}
+    redo = {s.strip() for s in args.redo.split(",") if s.strip()}
+    bad = redo - set(STAGES) - {"all"}
+    if bad:
+        raise LLMTrainError(f"--redo {','.join(sorted(bad))}: not a stage. Stages: {', '.join(STAGES)}, or all.")
+    results = run_pipeline(args.runs_dir or default_runs_dir(), args.name, recipe, redo)
+    print("\n" + format_table(results))
+    return 0

@@ -1,0 +1,63 @@
+import json
+
+import yaml
+
+from llmtrain.cli import main
+
+
+def test_pipeline_runs_the_stages_in_order_then_skips_what_exists(tmp_path, small_corpus, capsys):
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "tokenizer": {"vocab_size": 320},
+                "pretrain": {
+                    "data": str(small_corpus),
+                    "preset": "gpt-nano",
+                    "seq_len": 64,
+                    "batch_size": 8,
+                    "max_steps": 30,
+                    "eval_every": 0,
+                    "num_samples": 1,
+                    "sample_tokens": 4,
+                },
+                "sft": {
+                    "max_rows": 200,
+                    "batch_size": 16,
+                    "max_steps": 10,
+                    "task_eval_rows": 8,
+                    "eval_every": 0,
+                    "num_samples": 1,
+                    "max_new_tokens": 12,
+                    "max_length": 64,
+                },
+            }
+        )
+    )
+    runs = tmp_path / "runs"
+    assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(runs), "--name", "p"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split()[:2] for line in table] == [
+        ["tokenizer", "p-tokenizer"],
+        ["pretrain", "p-pretrain"],
+        ["sft", "p-sft"],
+    ]
+    assert "val_bpb=" in table[1] and "task_accuracy=" in table[2]
+    sft = json.loads((runs / "p-sft" / "llmtrain.json").read_text())
+    assert sft["parent"] == "p-pretrain" and sft["status"] == "finished"
+    assert json.loads((runs / "p-pretrain" / "llmtrain.json").read_text())["config"]["tokenizer"].endswith(
+        "p-tokenizer"
+    )
+
+    before = (runs / "p-pretrain" / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(runs), "--name", "p", "--redo", "sft"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "skipped" in table[0] and "skipped" in table[1] and "skipped" not in table[2]
+    assert (runs / "p-pretrain" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_pipeline_section_with_an_unknown_key_is_named(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("sft:\n  learning_rate: 0.1\n")
+    assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(tmp_path)]) == 2
+    assert "Unknown config key 'learning_rate' in the pipeline's sft section" in capsys.readouterr().err
