@@ -151,7 +151,8 @@ class Run:
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.lines:
+                ax.legend()
         fig.suptitle(self.name)
         fig.tight_layout()
         out = self.path / PLOT

@@ -1,6 +1,6 @@
 import pytest
 
-from llmtrain.config import PretrainConfig, parse_config
+from llmtrain.config import PretrainConfig, SftConfig, parse_config
 from llmtrain.errors import LLMTrainError
 
 
@@ -37,10 +37,19 @@ def test_runs_dir_comes_from_the_environment(monkeypatch):
     assert parse_config(PretrainConfig, []).runs_dir == "/somewhere/runs"
 
 
-def test_every_shipped_recipe_parses():
+@pytest.mark.parametrize("stage,cls", [("pretrain", PretrainConfig), ("sft", SftConfig)])
+def test_every_shipped_recipe_parses(stage, cls):
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs" / "pretrain").glob("*.yaml"))
-    assert recipes, "no pretraining recipes shipped"
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs" / stage).glob("*.yaml"))
+    assert len(recipes) >= 2, f"no {stage} recipes shipped"
     for recipe in recipes:
-        parse_config(PretrainConfig, ["--config", str(recipe)])
+        parse_config(cls, ["--config", str(recipe)])
+
+
+def test_the_cpu_recipes_equal_the_defaults():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    for stage, cls in (("pretrain", PretrainConfig), ("sft", SftConfig)):
+        assert parse_config(cls, ["--config", str(configs / stage / "cpu-tiny.yaml")]) == cls()

@@ -98,3 +98,29 @@ def test_eval_and_chat_commands_work_on_any_run(sft_run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 12 + 30?\n\n"))
     assert main(["chat", "sft-tiny", "--max_new_tokens", "12", "--runs_dir", str(sft_run.parent)]) == 0
     assert "model> " in capsys.readouterr().out
+
+
+def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypatch):
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+    runs = finished_run.parent
+    reference = sft.run(sft_config(runs, max_steps=16, task="none", run_name="sft-ref"))
+    original = sft._batch_indices
+
+    def crash_at_step_11(n, global_batch, seed, j):
+        if j == 11:
+            raise RuntimeError("simulated crash")
+        return original(n, global_batch, seed, j)
+
+    monkeypatch.setattr(sft, "_batch_indices", crash_at_step_11)
+    cfg = sft_config(runs, max_steps=16, task="none", save_every=8, run_name="sft-crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.run(cfg)
+    monkeypatch.setattr(sft, "_batch_indices", original)
+    resumed = sft.run(cfg)
+    a, b = losses(reference), losses(resumed)
+    assert sorted(b) == list(range(1, 17))
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+    assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [8]
