@@ -131,8 +131,9 @@ class Run:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
-    def plot(self, curves: dict[str, list[str]]) -> Path | None:
-        """Plot metrics.jsonl: one panel per entry of `curves` (title -> metric keys), x = step."""
+    def plot(self, curves: dict[str, list[str]], histograms: dict[str, dict[str, list[float]]] | None = None):
+        """Plot metrics.jsonl: one panel per entry of `curves` (title -> metric keys, x = step), then one
+        panel per entry of `histograms` (title -> {label: values}), e.g. reward scores of chosen vs rejected."""
         if not self.is_main:
             return None
         import matplotlib
@@ -141,7 +142,14 @@ class Run:
         import matplotlib.pyplot as plt
 
         rows = self.read_metrics()
-        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+        histograms = histograms or {}
+        panels = len(curves) + len(histograms)
+        fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+        for ax, (title, groups) in zip(axes[0][len(curves) :], histograms.items()):
+            for label, values in groups.items():
+                ax.hist(values, bins=30, alpha=0.55, label=label)
+            ax.set_title(title)
+            ax.legend()
         for ax, (title, keys) in zip(axes[0], curves.items()):
             for key in keys:
                 points = [(r["step"], r[key]) for r in rows if key in r]

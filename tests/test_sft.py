@@ -107,18 +107,18 @@ def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypa
 
     runs = finished_run.parent
     reference = sft.run(sft_config(runs, max_steps=16, task="none", run_name="sft-ref"))
-    original = sft._batch_indices
+    original = sft.batch_indices
 
     def crash_at_step_11(n, global_batch, seed, j):
         if j == 11:
             raise RuntimeError("simulated crash")
         return original(n, global_batch, seed, j)
 
-    monkeypatch.setattr(sft, "_batch_indices", crash_at_step_11)
+    monkeypatch.setattr(sft, "batch_indices", crash_at_step_11)
     cfg = sft_config(runs, max_steps=16, task="none", save_every=8, run_name="sft-crash")
     with pytest.raises(RuntimeError, match="simulated crash"):
         sft.run(cfg)
-    monkeypatch.setattr(sft, "_batch_indices", original)
+    monkeypatch.setattr(sft, "batch_indices", original)
     resumed = sft.run(cfg)
     a, b = losses(reference), losses(resumed)
     assert sorted(b) == list(range(1, 17))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from llmtrain.data.chat import (
     tokenize_dataset,
 )
 from llmtrain.data.corpus import default_data_dir
+from llmtrain.data.schedule import batch_indices
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
@@ -143,7 +145,7 @@ def run(cfg: SftConfig) -> Path:
             # This rank's share of each micro-step's global batch (a pure function of seed and step).
             chunks = []
             for micro in range(cfg.grad_accum):
-                idx = _batch_indices(len(items), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
+                idx = batch_indices(len(items), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
                 chunks.append([items[i] for i in idx])
             batches = [collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
             # Average over the trained tokens of the whole global batch: every token weighs the same,
@@ -154,7 +156,7 @@ def run(cfg: SftConfig) -> Path:
             for micro, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _null()
+                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
                 with sync:
                     logits = model(**batch, use_cache=False).logits
                     summed, _ = masked_lm_loss(logits, labels)
@@ -227,14 +229,6 @@ def run(cfg: SftConfig) -> Path:
 # ---------------------------------------------------------------- helpers
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _check_config(cfg: SftConfig) -> None:
     if cfg.schedule not in SCHEDULES:
         raise LLMTrainError(f"Unknown schedule '{cfg.schedule}'. Choose one of: {', '.join(SCHEDULES)}.")
@@ -287,17 +281,6 @@ def _prompt_of(messages: list[dict]) -> str | None:
     """The user question of a single-turn conversation (what task accuracy asks), else None."""
     users = [m for m in messages if m["role"] == "user"]
     return users[0]["content"] if len(users) == 1 else None
-
-
-def _batch_indices(n: int, global_batch: int, seed: int, j: int) -> np.ndarray:
-    """Indices of global batch j in an endless stream of per-epoch shuffles of range(n)."""
-    positions = np.arange(j * global_batch, (j + 1) * global_batch)
-    epochs, offsets = positions // n, positions % n
-    out = np.empty(global_batch, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        out[epochs == epoch] = perm[offsets[epochs == epoch]]
-    return out
 
 
 def _add_lora(model, cfg: SftConfig):
