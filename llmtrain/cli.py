@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llmtrain.errors import LLMTrainError, RunInterrupted
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "reward")
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
@@ -109,6 +109,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.registry import resolve_model
+    from llmtrain.stages.reward import load_reward_model
+    from llmtrain.tokenizer import load_tokenizer
+
+    source = resolve_model(args.run, _runs_dir(args.runs_dir))
+    if source.kind == "preset":
+        raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a reward model run.")
+    tokenizer = ensure_chat_template(load_tokenizer(source.path))
+    model = load_reward_model(source.path, tokenizer, args.run).eval()
+    messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        print(f"{model(input_ids=ids['input_ids']).logits[0, 0].item():.4f}")
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
     from llmtrain.runtime import cache_dir
@@ -162,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("score", help="the reward a reward-model run gives one answer")
+    p.add_argument("run", help="reward model run name, run folder or HF sequence-classification checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", required=True)
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--data", default="default")

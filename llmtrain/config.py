@@ -171,7 +171,52 @@ class SftConfig(RunConfig):
     keep_checkpoints: int = 2
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SftConfig}
+@dataclass
+class RewardConfig(RunConfig):
+    """A reward model (one score per sequence) trained on preference pairs with the Bradley-Terry loss."""
+
+    init: str = field(
+        default="latest",
+        metadata={"help": "Model to start from: 'latest' SFT run, a run, a local checkpoint or a Hub id."},
+    )
+    data: str = field(default="default", metadata={"help": "'default' (the task's pairs), a file, or a Hub id."})
+    eval_data: str | None = field(default="default", metadata={"help": "Held-out pairs: 'default', a file or Hub id."})
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    eval_split: str = "test"
+    max_rows: int | None = None
+    val_fraction: float = 0.05
+    max_length: int = 128
+    margin: float = field(default=0.0, metadata={"help": "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)."})
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = True
+    compile: bool = False
+    mixed_precision: str = "auto"
+    batch_size: int = field(default=32, metadata={"help": "Preference pairs per process per micro-step."})
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    epochs: float = 2.0
+    max_steps: int | None = None
+    max_time_s: float | None = None
+    eval_every: int = 100
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SftConfig, "reward": RewardConfig}
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -66,3 +66,35 @@ def finished_run(tmp_path_factory, small_corpus) -> Path:
 
     runs = tmp_path_factory.mktemp("runs")
     return pretrain.run(tiny_config(runs, small_corpus, run_name="tiny", max_steps=60, seq_len=64))
+
+
+def tiny_sft_config(runs_dir: Path, **overrides):
+    """An SFT config that tunes the `tiny` run in a few seconds."""
+    from llmtrain.config import SftConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="tiny",
+        max_rows=400,
+        batch_size=16,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        task_eval_rows=24,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        num_samples=1,
+        max_new_tokens=12,
+    )
+    values.update(overrides)
+    return SftConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def sft_run(finished_run) -> Path:
+    """One finished SFT run of `tiny`, shared by the SFT and reward tests."""
+    from llmtrain.stages import sft
+
+    return sft.run(tiny_sft_config(finished_run.parent, run_name="sft-tiny"))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import tiny_sft_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.config import SftConfig
@@ -9,29 +10,7 @@ from llmtrain.stages import sft
 
 
 def sft_config(runs_dir, **overrides) -> SftConfig:
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="tiny",
-        max_rows=400,
-        batch_size=16,
-        max_steps=30,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        task_eval_rows=24,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-        num_samples=1,
-        max_new_tokens=12,
-    )
-    values.update(overrides)
-    return SftConfig(**values)
-
-
-@pytest.fixture(scope="session")
-def sft_run(finished_run):
-    return sft.run(sft_config(finished_run.parent, run_name="sft-tiny"))
+    return tiny_sft_config(runs_dir, **overrides)
 
 
 def test_sft_lowers_the_held_out_loss_and_records_parent_and_task_accuracy(sft_run):

@@ -30,6 +30,8 @@ from llmtrain.data.corpus import default_data_dir
 from llmtrain.data.schedule import batch_indices
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
+from llmtrain.generate import stop_token_ids
+from llmtrain.lora import add_lora, model_to_save
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import latest_run, load_causal_lm, resolve_model
 from llmtrain.run_dir import Run
@@ -66,7 +68,7 @@ def run(cfg: SftConfig) -> Path:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     model.config.use_cache = False  # training never needs the KV cache; packed rows must not use one
     if cfg.lora:
-        model = _add_lora(model, cfg)
+        model = add_lora(model, cfg, task_type="CAUSAL_LM")
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
     train_rows, eval_rows = _load_rows(cfg)
@@ -283,20 +285,6 @@ def _prompt_of(messages: list[dict]) -> str | None:
     return users[0]["content"] if len(users) == 1 else None
 
 
-def _add_lora(model, cfg: SftConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.lora_target_modules
-    config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
 def _evaluate(
     model, raw_model, tokenizer, examples, prompts, checker, cfg: SftConfig, accelerator, show: bool = False
 ) -> dict[str, float]:
@@ -318,12 +306,9 @@ def _save(raw_model, state_dict, tokenizer, run: Run, cfg: SftConfig, accelerato
     """Save a Hugging Face checkpoint: merged weights by default, or the LoRA adapter with --merge_lora false."""
     if not accelerator.is_main_process:
         return
-    from llmtrain.generate import stop_token_ids
-
-    model = raw_model
-    if cfg.lora and cfg.merge_lora:
-        model = raw_model.merge_and_unload()
-        state_dict = None
+    model = model_to_save(raw_model, cfg)
+    if model is not raw_model and cfg.merge_lora:
+        state_dict = None  # the merged model's own weights, not the adapter-wrapped state
     base = model.get_base_model() if cfg.lora and not cfg.merge_lora else model
     base.generation_config.eos_token_id = stop_token_ids(tokenizer)
     base.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,289 @@
+"""Preference pairs for the reward model and DPO: rows -> (prompt, chosen, rejected) -> token pairs -> batches.
+
+A row is a prompt with two answers (strings or TRL's message lists) or two full conversations
+(message lists or HH-RLHF text) that share the prompt and are split at their longest common prefix.
+Each side is rendered with the chat template as prompt + answer and labelled on the answer's
+assistant tokens only (end-of-turn included), so `sequence_logprobs` sums exactly what DPO compares.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.data.chat import IGNORE_INDEX, ROLES, Example, _hub_rows, _local_rows, collate_padded, tokenize_chat
+from llmtrain.errors import LLMTrainError
+
+PREFERENCE_SHAPES = (
+    'Accepted preference shapes: {"prompt": "...", "chosen": "...", "rejected": "..."}; the same with message lists '
+    '({"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", "content": "..."}], '
+    '"rejected": [...]}); two full conversations that share the prompt {"chosen": [messages], "rejected": '
+    '[messages]}; or HH-RLHF text {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}.'
+)
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class PreferencePair:
+    """The conversation before the answer, and the two assistant answers that complete it."""
+
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+
+
+# ---------------------------------------------------------------- rows -> pairs
+
+
+def load_preference_pairs(
+    spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
+) -> list[PreferencePair]:
+    """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one pair per row."""
+    rows = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, split, dataset_config, max_rows)
+    return [to_pair(row, where) for row, where in islice(rows, max_rows)]
+
+
+def to_pair(row: dict, where: str) -> PreferencePair:
+    """One row in any accepted shape as a PreferencePair; `where` names the row in errors."""
+    if not isinstance(row, dict):
+        raise LLMTrainError(f"{where}: a row must be a JSON object, found a {type(row).__name__}. {PREFERENCE_SHAPES}")
+    missing = [key for key in ("chosen", "rejected") if key not in row]
+    if missing:
+        keys = ", ".join(map(repr, row)) or "none"
+        raise LLMTrainError(
+            f"{where}: the row has no {' and no '.join(map(repr, missing))} (keys: {keys}). {PREFERENCE_SHAPES}"
+        )
+    # A Parquet or Hub table may carry a `prompt` column that is null for this row: then the sides hold it.
+    if row.get("prompt") is not None:
+        pair = PreferencePair(
+            _prompt(row["prompt"], where),
+            _answer(row["chosen"], where, "chosen"),
+            _answer(row["rejected"], where, "rejected"),
+        )
+        _check_different(pair.chosen, pair.rejected, where)
+        return pair
+    return _split_conversations(row["chosen"], row["rejected"], where)
+
+
+def _prompt(value: Any, where: str) -> list[dict]:
+    if isinstance(value, str):
+        messages = [{"role": "user", "content": value}]
+    else:
+        messages = _messages(value, where, "prompt")
+    if not any(m["content"].strip() for m in messages):
+        raise LLMTrainError(f"{where}: 'prompt' is empty. Fill in the question or delete the row.")
+    return messages
+
+
+def _answer(value: Any, where: str, key: str) -> list[dict]:
+    messages = [{"role": "assistant", "content": value}] if isinstance(value, str) else _messages(value, where, key)
+    for i, message in enumerate(messages, 1):
+        if message["role"] != "assistant":
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' is a '{message['role']}' turn, but with a 'prompt' field "
+                f"'{key}' must hold only the assistant's answer. Move earlier turns into 'prompt', or drop 'prompt' "
+                "and give full conversations in 'chosen' and 'rejected'."
+            )
+        _nonempty(message["content"], where, f"message {i} of '{key}'" if isinstance(value, list) else f"'{key}'")
+    return messages
+
+
+def _messages(value: Any, where: str, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise LLMTrainError(
+            f"{where}: '{key}' must be a string or a non-empty list of messages, found {type(value).__name__}. "
+            f"{PREFERENCE_SHAPES}"
+        )
+    messages = []
+    for i, message in enumerate(value, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' must be an object with 'role' and 'content'. {PREFERENCE_SHAPES}"
+            )
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' has unknown role {role!r}; roles must be one of "
+                f"{', '.join(ROLES)}. Rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant')."
+            )
+        if not isinstance(content, str):
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' has {type(content).__name__} content; content must be a string "
+                "(multi-part or tool-call content is not supported)."
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _nonempty(text: Any, where: str, what: str) -> None:
+    if not isinstance(text, str):
+        raise LLMTrainError(f"{where}: {what} must be a string, found {type(text).__name__}. {PREFERENCE_SHAPES}")
+    if not text.strip():
+        raise LLMTrainError(
+            f"{where}: {what} is empty; a preference needs two real answers. Fill in the answer or delete the row."
+        )
+
+
+def _check_different(chosen: list[dict], rejected: list[dict], where: str) -> None:
+    if chosen == rejected:
+        raise LLMTrainError(
+            f"{where}: 'chosen' and 'rejected' are identical, so the pair prefers nothing. "
+            "Give a different rejected answer or delete the row."
+        )
+
+
+def _split_conversations(chosen_value: Any, rejected_value: Any, where: str) -> PreferencePair:
+    if isinstance(chosen_value, str) and isinstance(rejected_value, str):
+        chosen, rejected = _hh_messages(chosen_value, where, "chosen"), _hh_messages(rejected_value, where, "rejected")
+    elif isinstance(chosen_value, list) and isinstance(rejected_value, list):
+        chosen, rejected = _messages(chosen_value, where, "chosen"), _messages(rejected_value, where, "rejected")
+    else:
+        raise LLMTrainError(
+            f"{where}: without a 'prompt', 'chosen' and 'rejected' must both be full conversations, both as message "
+            f"lists or both as HH-RLHF text; found {type(chosen_value).__name__} and {type(rejected_value).__name__}. "
+            f"{PREFERENCE_SHAPES}"
+        )
+    _check_different(chosen, rejected, where)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if shared == len(messages):
+            raise LLMTrainError(
+                f"{where}: '{key}' ends where the {shared} messages it shares with the other side end, so it has no "
+                "answer of its own. Both conversations must end with different assistant answers."
+            )
+    if not any(m["content"].strip() for m in chosen[:shared]):
+        raise LLMTrainError(
+            f"{where}: 'chosen' and 'rejected' share no prompt (their first messages differ). Start both with the "
+            "same user turn, or give the prompt in a 'prompt' field."
+        )
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        for i, message in enumerate(messages[shared:], shared + 1):
+            if message["role"] != "assistant":
+                raise LLMTrainError(
+                    f"{where}: message {i} of '{key}' is a '{message['role']}' turn after the first {shared} "
+                    "message(s), which 'chosen' and 'rejected' share; only the assistant's answer may differ. "
+                    "Both conversations must hold the same prompt turns, word for word."
+                )
+            _nonempty(message["content"], where, f"message {i} of '{key}'")
+    return PreferencePair(chosen[:shared], chosen[shared:], rejected[shared:])
+
+
+def _hh_messages(text: str, where: str, key: str) -> list[dict]:
+    # re.split with a group yields [text before the first marker, role, content, role, content, ...].
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise LLMTrainError(
+            f"{where}: '{key}' is plain text but the row has no 'prompt'. Add a 'prompt' field, or write both sides "
+            'as HH-RLHF conversations ("\\n\\nHuman: ...\\n\\nAssistant: ..."). ' + PREFERENCE_SHAPES
+        )
+    messages = []
+    for i, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), 1):
+        if not content.strip():
+            raise LLMTrainError(f"{where}: turn {i} of '{key}' ({speaker}:) is empty. Fill it in or delete the row.")
+        messages.append({"role": _HH_ROLES[speaker], "content": content.strip()})
+    return messages
+
+
+# ---------------------------------------------------------------- pairs -> token pairs
+
+
+@dataclass
+class TokenizedPair:
+    """Both sides as prompt + answer; labels are -100 except on the answer's assistant tokens and <|end|>."""
+
+    chosen: Example
+    rejected: Example
+
+
+@dataclass
+class PairStats:
+    """What the length rule did: pairs seen, truncated on the right, and dropped."""
+
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def summary(self, max_length: int) -> str:
+        """A one-line account of the length rule, for the run log."""
+        return (
+            f"{self.rows} preference pairs -> {self.rows - self.dropped} kept; max_length={max_length}: "
+            f"{self.truncated} truncated on the right, {self.dropped} dropped (no answer token left on a side)"
+        )
+
+
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[PreferencePair], max_length: int
+) -> tuple[list[TokenizedPair], PairStats]:
+    """Tokenize both sides of every pair; truncate right while both keep an answer token, else drop the pair."""
+    stats, kept = PairStats(), []
+    for pair in pairs:
+        stats.rows += 1
+        prompt_ids = _prompt_ids(tokenizer, pair.prompt)
+        chosen = _side(tokenizer, pair.prompt, pair.chosen, prompt_ids)
+        rejected = _side(tokenizer, pair.prompt, pair.rejected, prompt_ids)
+        if max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
+            chosen, rejected = _truncate(chosen, max_length), _truncate(rejected, max_length)
+            # Both sides share the prompt, so in practice this drops pairs whose prompt alone fills max_length.
+            if not (_has_answer(chosen) and _has_answer(rejected)):
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        kept.append(TokenizedPair(chosen, rejected))
+    return kept, stats
+
+
+def _prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _side(tokenizer, prompt: list[dict], answer: list[dict], prompt_ids: list[int]) -> Example:
+    # Tokenize in full: whether to truncate or drop depends on both sides, so the length rule comes later.
+    example = tokenize_chat(tokenizer, prompt + answer, max_length=sys.maxsize)
+    n = len(prompt_ids)
+    if example.input_ids[:n] != prompt_ids:
+        raise LLMTrainError(
+            "The chat template renders the prompt with add_generation_prompt=True differently from the start of "
+            "prompt + answer, so the answer's tokens cannot be told apart from the prompt's. Use the project's "
+            "template (llmtrain.tokenizer.CHAT_TEMPLATE) or one whose generation prompt is exactly how an "
+            "assistant turn begins."
+        )
+    # The template also marks earlier assistant turns inside the prompt; DPO and the reward model score only
+    # the final answer, so everything up to the generation prompt is masked.
+    labels = [IGNORE_INDEX] * n + example.labels[n:]
+    return Example(example.input_ids, labels)
+
+
+def _truncate(example: Example, max_length: int) -> Example:
+    return Example(example.input_ids[:max_length], example.labels[:max_length])
+
+
+def _has_answer(example: Example) -> bool:
+    return any(label != IGNORE_INDEX for label in example.labels)
+
+
+# ---------------------------------------------------------------- batches and scores
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch [2B, L], chosen rows first then rejected: rows i and B + i are one pair."""
+    return collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum [N] of the log-probabilities of the labelled tokens (logits at t predict labels at t + 1)."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    # Gather minus logsumexp avoids a second vocabulary-sized tensor that log_softmax would allocate.
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return torch.where(mask, picked, 0.0).sum(-1)

@@ -1,0 +1,272 @@
+"""Reward model: a sequence classifier with one score, trained on preference pairs (Bradley-Terry).
+
+Read top to bottom: accelerator and run folder, the model (a causal LM run turned into a native
+`AutoModelForSequenceClassification`; the score is read at the last real token), the pairs, the
+loop, the end (pairwise accuracy, score distributions, save, register).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmtrain.config import RewardConfig, config_to_dict
+from llmtrain.data.chat import ensure_chat_template
+from llmtrain.data.corpus import default_data_dir
+from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
+from llmtrain.data.schedule import batch_indices
+from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.lora import add_lora, model_to_save
+from llmtrain.losses import bradley_terry_loss
+from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
+from llmtrain.registry import latest_run, read_manifest, resolve_model
+from llmtrain.run_dir import Run
+from llmtrain.runtime import (
+    cache_dir,
+    install_signal_handlers,
+    make_accelerator,
+    print_main,
+    progress_bar,
+    restore_signal_handlers,
+)
+from llmtrain.tokenizer import load_tokenizer, save_tokenizer
+
+PLOT_CURVES = {
+    "Bradley-Terry loss": ["train_loss", "val_loss"],
+    "pairwise accuracy": ["train_accuracy", "reward_accuracy"],
+    "learning rate": ["lr"],
+}
+
+
+def run(cfg: RewardConfig) -> Path:
+    """Train a reward model per `cfg`; returns the finished run directory."""
+    if cfg.schedule not in SCHEDULES:
+        raise LLMTrainError(f"Unknown schedule '{cfg.schedule}'. Choose one of: {', '.join(SCHEDULES)}.")
+    accelerator = make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    init = _resolve_init(cfg)
+    run = Run.open(cfg, "reward", _parent_preset(init) or Path(init.spec).name, accelerator)
+
+    # ---- model: one score per sequence, read at the last non-pad token
+    tokenizer = load_tokenizer(init.path)
+    ensure_chat_template(tokenizer)
+    model = load_reward_model(init.path, tokenizer, init.spec)
+    if cfg.lora:
+        model = add_lora(model, cfg, task_type="SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
+
+    # ---- data
+    train_pairs, eval_pairs = _load_pairs(cfg)
+    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
+    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length)
+    if not train:
+        raise LLMTrainError(f"No preference pair of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
+    global_batch = cfg.batch_size * world
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / (global_batch * cfg.grad_accum)))
+
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    if cfg.compile:
+        model.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    step, train_time = 0, 0.0
+    if run.resume_from is not None:
+        state = run.load_checkpoint(accelerator)
+        step, train_time = state["step"], state["train_time_s"]
+        run.truncate_metrics(step)
+        print_main(accelerator, f"Resuming {run.name} from step {step}.")
+    run.start(
+        config_to_dict(cfg),
+        parent=init.run_name or init.path,
+        preset=_parent_preset(init),
+        model={"source": init.kind, "spec": init.spec, "lora": cfg.lora, "architecture": type(raw_model).__name__},
+        data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "eval_pairs": len(held_out)},
+        world_size=world,
+    )
+    if cfg.tracker:
+        accelerator.init_trackers(run.name, config=config_to_dict(cfg))
+    print_main(
+        accelerator,
+        f"run {run.name}: reward model from {init.spec} on {len(train):,} pairs "
+        f"({stats.truncated} truncated, {stats.dropped} dropped), {total_steps} steps",
+    )
+
+    # ---- the loop
+    stop_signal = install_signal_handlers()
+    progress = progress_bar(accelerator, total_steps, step, "reward")
+    model.train()
+    train_loss, stop = float("nan"), "max_steps"
+    try:
+        while step < total_steps:
+            if cfg.max_time_s and train_time >= cfg.max_time_s:
+                stop = "max_time_s"
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(3, device=device)  # loss, correct pairs, pairs
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(len(train), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
+                batch = {
+                    k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], tokenizer.pad_token_id).items()
+                }
+                batch.pop("labels")
+                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+                with sync:
+                    chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
+                    loss = bradley_terry_loss(chosen, rejected, cfg.margin)
+                    accelerator.backward(loss / cfg.grad_accum)
+                n = float(chosen.numel())
+                sums += torch.stack(
+                    [loss.detach() * n, (chosen > rejected).sum().float(), torch.tensor(n, device=device)]
+                )
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            flags = torch.cat([sums, torch.tensor([float(stop_signal[0])], device=device)])
+            flags = accelerator.reduce(flags, reduction="sum") if world > 1 else flags
+            train_loss, train_acc, signalled = (flags[0] / flags[2]).item(), (flags[1] / flags[2]).item(), flags[3] > 0
+            if not math.isfinite(train_loss):
+                raise LLMTrainError(
+                    f"The training loss became {train_loss} at step {step} (lr {lr:.3g}); the run "
+                    f"stopped. The last good checkpoint is kept in {run.path}. Lower --lr."
+                )
+            train_time += time.perf_counter() - t0
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log_metrics(step, {"train_loss": train_loss, "train_accuracy": train_acc, "lr": lr}, accelerator)
+                progress.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.2f}", refresh=False)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run.log_metrics(
+                    step,
+                    evaluate_pairs(model, held_out, tokenizer.pad_token_id, cfg.batch_size, accelerator)[0],
+                    accelerator,
+                )
+            state = {"train_time_s": train_time}
+            if signalled:
+                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+                run.update(status="interrupted")
+                raise RunInterrupted(run.name, str(run.path), step, stop_signal[0])
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+    except LLMTrainError:
+        run.update(status="failed")
+        raise
+    finally:
+        progress.close()
+        restore_signal_handlers()
+
+    # ---- the end: pairwise accuracy on held-out pairs, score distributions, save, register
+    final, scores = evaluate_pairs(model, held_out, tokenizer.pad_token_id, cfg.batch_size, accelerator)
+    run.log_metrics(step, final, accelerator)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        to_save = model_to_save(raw_model, cfg)
+        to_save.save_pretrained(
+            run.path, state_dict=None if to_save is not raw_model else state_dict, safe_serialization=True
+        )
+        save_tokenizer(tokenizer, run.path)
+    metrics = {
+        **final,
+        "train_loss": train_loss,
+        "steps": step,
+        "train_time_s": round(train_time, 2),
+        "stop_reason": stop,
+        "chosen_score_mean": float(np.mean(scores["chosen"])),
+        "rejected_score_mean": float(np.mean(scores["rejected"])),
+    }
+    run.update(status="finished", metrics=metrics)
+    run.plot(PLOT_CURVES, {"held-out scores": scores})
+    run.remove_checkpoints()
+    accelerator.end_training()
+    print_main(
+        accelerator,
+        f"\nFinished {run.name}: reward_accuracy {final['reward_accuracy']:.4f} on "
+        f"{len(held_out)} held-out pairs, {train_time:.1f} s training. Saved to {run.path}",
+    )
+    return run.path
+
+
+def load_reward_model(path: str, tokenizer, spec: str):
+    """A native sequence classifier with one output; a causal LM checkpoint gets a fresh score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise LLMTrainError(f"Could not load '{spec}' as a sequence classifier: {str(e).splitlines()[0]}") from None
+    # The score is read at the last token that is not padding: the model finds it through pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> tuple[dict[str, float], dict]:
+    """Held-out Bradley-Terry loss and pairwise accuracy (chosen scored above rejected), plus the scores."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    chosen_all, rejected_all = [], []
+    mine = pairs[rank::world]
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
+        batch.pop("labels")
+        chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
+        chosen_all += chosen.tolist()
+        rejected_all += rejected.tolist()
+    if world > 1:
+        chosen_all, rejected_all = gather_object(chosen_all), gather_object(rejected_all)
+    if was_training:
+        model.train()
+    c, r = torch.tensor(chosen_all), torch.tensor(rejected_all)
+    metrics = {"val_loss": bradley_terry_loss(c, r).item(), "reward_accuracy": (c > r).float().mean().item()}
+    return metrics, {"chosen": chosen_all, "rejected": rejected_all}
+
+
+def _resolve_init(cfg: RewardConfig):
+    if cfg.init == "latest":
+        latest = latest_run(cfg.runs_dir, "sft")
+        if latest is None:
+            raise LLMTrainError(
+                f"--init latest: there is no finished SFT run in {cfg.runs_dir} to start the reward model from. "
+                f"Make one with `accelerate launch recipes/sft.py` (after recipes/pretrain.py), or run "
+                f"`python recipes/pipeline.py`, or give --init a run, a checkpoint folder or a Hub id."
+            )
+        return resolve_model(latest["_dir"], cfg.runs_dir)
+    source = resolve_model(cfg.init, cfg.runs_dir)
+    if source.kind == "preset":
+        raise LLMTrainError(f"--init {cfg.init} is a preset with random weights; start from a trained model.")
+    return source
+
+
+def _parent_preset(init) -> str | None:
+    try:
+        return read_manifest(init.path).get("preset") if init.kind == "run" else None
+    except LLMTrainError:
+        return None
+
+
+def _load_pairs(cfg: RewardConfig):
+    default_dir = default_data_dir(cache_dir(cfg.cache_dir))
+    train_spec = str(default_dir / "prefs_train.jsonl") if cfg.data == "default" else cfg.data
+    pairs = load_preference_pairs(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
+    if cfg.eval_data == "default" and cfg.data == "default":
+        return pairs, load_preference_pairs(str(default_dir / "prefs_val.jsonl"))
+    if cfg.eval_data not in (None, "default"):
+        return pairs, load_preference_pairs(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
+    order = np.random.default_rng(cfg.seed).permutation(len(pairs))
+    n_eval = max(1, round(cfg.val_fraction * len(pairs)))
+    held = set(order[:n_eval].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]

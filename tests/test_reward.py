@@ -1,0 +1,66 @@
+import json
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from llmtrain.config import RewardConfig
+from llmtrain.errors import LLMTrainError
+from llmtrain.stages import reward
+
+
+def reward_config(runs_dir, **overrides) -> RewardConfig:
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="sft-tiny",
+        max_rows=600,
+        batch_size=16,
+        max_steps=60,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+    )
+    values.update(overrides)
+    return RewardConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run):
+    return reward.run(reward_config(sft_run.parent, run_name="rm-tiny"))
+
+
+def test_the_reward_model_learns_to_rank_chosen_above_rejected(reward_run):
+    m = json.loads((reward_run / "llmtrain.json").read_text())
+    assert m["stage"] == "reward" and m["status"] == "finished" and m["parent"] == "sft-tiny"
+    rows = [json.loads(line) for line in (reward_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert sum(train[-10:]) / 10 < sum(train[:10]) / 10 - 0.02  # the Bradley-Terry loss falls from ~log 2
+    metrics = m["metrics"]
+    assert metrics["val_loss"] < 0.6931 and metrics["reward_accuracy"] > 0.5
+    assert metrics["chosen_score_mean"] > metrics["rejected_score_mean"]
+    assert (reward_run / "curves.png").stat().st_size > 1000
+
+
+def test_the_reward_run_is_a_native_one_score_classifier(reward_run, capsys):
+    from llmtrain.cli import main
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_run)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    args = ["score", "rm-tiny", "--prompt", "What is 12 + 30?", "--runs_dir", str(reward_run.parent)]
+    assert main([*args, "--response", "12 + 30 = 42"]) == 0
+    right = float(capsys.readouterr().out)
+    assert main([*args, "--response", "12 + 30 = 52"]) == 0
+    assert float(capsys.readouterr().out) != right
+
+
+def test_latest_init_without_an_sft_run_says_how_to_make_one(tmp_path):
+    with pytest.raises(LLMTrainError, match=r"no finished SFT run.*recipes/sft.py"):
+        reward.run(reward_config(tmp_path, init="latest"))
+
+
+def test_a_lora_reward_model_trains_its_score_head_and_merges(sft_run):
+    run_dir = reward.run(reward_config(sft_run.parent, lora=True, lora_r=4, max_steps=5, run_name="rm-lora"))
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+    assert model.score.weight.abs().sum() > 0 and not any("lora" in n for n, _ in model.named_parameters())
