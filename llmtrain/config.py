@@ -198,7 +198,7 @@ class RewardConfig(RunConfig):
     mixed_precision: str = "auto"
     batch_size: int = field(default=32, metadata={"help": "Preference pairs per process per micro-step."})
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     warmup_steps: int = 20
