@@ -35,6 +35,7 @@ import transformers
 
 from llmtrain.config import PretrainConfig, SftConfig
 from llmtrain.data.chat import Example, Packed, ensure_chat_template, load_chat_rows, pack_examples, tokenize_dataset
+from llmtrain.data.schedule import batch_indices
 from llmtrain.registry import PRESETS
 from llmtrain.stages import pretrain, sft
 from llmtrain.tokenizer import load_tokenizer
@@ -151,8 +152,10 @@ def make_sft_config(args: argparse.Namespace, tmp: Path, init: Path, packing: bo
 
 def batch_schedule(items: list[Example] | list[Packed], cfg: SftConfig) -> list[list[Example] | list[Packed]]:
     """The items of each step's batch, drawn as the loop draws them (one process, no accumulation)."""
-    draw = sft._batch_indices  # the loop's own pure function of (seed, step)
-    return [[items[i] for i in draw(len(items), cfg.batch_size, cfg.seed, step)] for step in range(cfg.max_steps)]
+    # batch_indices is the loop's own draw: a pure function of (seed, step).
+    return [
+        [items[i] for i in batch_indices(len(items), cfg.batch_size, cfg.seed, step)] for step in range(cfg.max_steps)
+    ]
 
 
 def measure(cfg: SftConfig, schedule: list, n_items: int, args: argparse.Namespace) -> dict[str, float]:
