@@ -63,6 +63,7 @@ def test_lora_is_merged_by_default_or_kept_as_an_adapter(finished_run):
         sft_config(finished_run.parent, lora=True, lora_r=4, merge_lora=False, max_steps=10, run_name="sft-adapter")
     )
     assert (kept / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(kept)  # transformers loads the base and applies the adapter
     assert json.loads((kept / "llmtrain.json").read_text())["model"]["trainable_parameters"] < 20_000
 
 
