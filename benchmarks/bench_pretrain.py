@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=None, help="default: 64 with --nanogpt, else 128")
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", type=Path, default=None)

@@ -27,7 +27,8 @@ def resolve_mixed_precision(requested: str) -> str:
         if requested not in ("no", "bf16", "fp16"):
             raise LLMTrainError(f"mixed_precision must be auto, no, bf16 or fp16, not '{requested}'.")
         return requested
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if torch.cuda.is_available() and not forced_cpu and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
 
