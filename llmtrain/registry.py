@@ -126,6 +126,31 @@ def load_causal_lm(source: ModelSource, runs_dir: str | Path, **kwargs: Any):
         raise LLMTrainError(f"Could not load model '{source.spec}'. {where}: {first_line}") from None
 
 
+def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSource:
+    """A fine-tuning stage's --init: 'latest' (the newest finished `parent_stage` run) or any trained model."""
+    if spec == "latest":
+        latest = latest_run(runs_dir, parent_stage)
+        if latest is None:
+            raise LLMTrainError(
+                f"--init latest: there is no finished {parent_stage} run in {runs_dir} to start from. Make one with "
+                f"`accelerate launch recipes/{parent_stage}.py` (or run the stages in order with "
+                f"`python recipes/pipeline.py`), or give --init a run, a checkpoint folder or a Hub id."
+            )
+        return resolve_model(latest["_dir"], runs_dir)
+    source = resolve_model(spec, runs_dir)
+    if source.kind == "preset":
+        raise LLMTrainError(f"--init {spec} is a preset with random weights; start from a trained model.")
+    return source
+
+
+def parent_manifest(source: ModelSource) -> dict[str, Any]:
+    """The manifest of the run a stage starts from ({} for checkpoints that are not runs)."""
+    try:
+        return read_manifest(source.path) if source.kind == "run" else {}
+    except LLMTrainError:
+        return {}
+
+
 # ---------------------------------------------------------------- runs
 
 

@@ -56,7 +56,7 @@ def test_the_reward_run_is_a_native_one_score_classifier(reward_run, capsys):
 
 
 def test_latest_init_without_an_sft_run_says_how_to_make_one(tmp_path):
-    with pytest.raises(LLMTrainError, match=r"no finished SFT run.*recipes/sft.py"):
+    with pytest.raises(LLMTrainError, match=r"no finished sft run.*recipes/sft.py"):
         reward.run(reward_config(tmp_path, init="latest"))
 
 

@@ -17,17 +17,16 @@ import torch
 
 from llmtrain.config import RewardConfig, config_to_dict
 from llmtrain.data.chat import ensure_chat_template
-from llmtrain.data.corpus import default_data_dir
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
+from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.losses import bradley_terry_loss
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
-from llmtrain.registry import latest_run, read_manifest, resolve_model
+from llmtrain.registry import parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
-    cache_dir,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -49,8 +48,8 @@ def run(cfg: RewardConfig) -> Path:
         raise LLMTrainError(f"Unknown schedule '{cfg.schedule}'. Choose one of: {', '.join(SCHEDULES)}.")
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    init = _resolve_init(cfg)
-    run = Run.open(cfg, "reward", _parent_preset(init) or Path(init.spec).name, accelerator)
+    init = resolve_init(cfg.init, cfg.runs_dir, "sft")
+    run = Run.open(cfg, "reward", parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
 
     # ---- model: one score per sequence, read at the last non-pad token
     tokenizer = load_tokenizer(init.path)
@@ -60,7 +59,7 @@ def run(cfg: RewardConfig) -> Path:
         model = add_lora(model, cfg, task_type="SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
 
     # ---- data
-    train_pairs, eval_pairs = _load_pairs(cfg)
+    train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
     train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
     held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length)
     if not train:
@@ -83,7 +82,7 @@ def run(cfg: RewardConfig) -> Path:
     run.start(
         config_to_dict(cfg),
         parent=init.run_name or init.path,
-        preset=_parent_preset(init),
+        preset=parent_manifest(init).get("preset"),
         model={"source": init.kind, "spec": init.spec, "lora": cfg.lora, "architecture": type(raw_model).__name__},
         data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "eval_pairs": len(held_out)},
         world_size=world,
@@ -233,40 +232,3 @@ def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> t
     c, r = torch.tensor(chosen_all), torch.tensor(rejected_all)
     metrics = {"val_loss": bradley_terry_loss(c, r).item(), "reward_accuracy": (c > r).float().mean().item()}
     return metrics, {"chosen": chosen_all, "rejected": rejected_all}
-
-
-def _resolve_init(cfg: RewardConfig):
-    if cfg.init == "latest":
-        latest = latest_run(cfg.runs_dir, "sft")
-        if latest is None:
-            raise LLMTrainError(
-                f"--init latest: there is no finished SFT run in {cfg.runs_dir} to start the reward model from. "
-                f"Make one with `accelerate launch recipes/sft.py` (after recipes/pretrain.py), or run "
-                f"`python recipes/pipeline.py`, or give --init a run, a checkpoint folder or a Hub id."
-            )
-        return resolve_model(latest["_dir"], cfg.runs_dir)
-    source = resolve_model(cfg.init, cfg.runs_dir)
-    if source.kind == "preset":
-        raise LLMTrainError(f"--init {cfg.init} is a preset with random weights; start from a trained model.")
-    return source
-
-
-def _parent_preset(init) -> str | None:
-    try:
-        return read_manifest(init.path).get("preset") if init.kind == "run" else None
-    except LLMTrainError:
-        return None
-
-
-def _load_pairs(cfg: RewardConfig):
-    default_dir = default_data_dir(cache_dir(cfg.cache_dir))
-    train_spec = str(default_dir / "prefs_train.jsonl") if cfg.data == "default" else cfg.data
-    pairs = load_preference_pairs(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
-    if cfg.eval_data == "default" and cfg.data == "default":
-        return pairs, load_preference_pairs(str(default_dir / "prefs_val.jsonl"))
-    if cfg.eval_data not in (None, "default"):
-        return pairs, load_preference_pairs(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
-    order = np.random.default_rng(cfg.seed).permutation(len(pairs))
-    n_eval = max(1, round(cfg.val_fraction * len(pairs)))
-    held = set(order[:n_eval].tolist())
-    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]

@@ -13,7 +13,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmtrain.config import SftConfig, config_to_dict
@@ -26,17 +25,16 @@ from llmtrain.data.chat import (
     pack_examples,
     tokenize_dataset,
 )
-from llmtrain.data.corpus import default_data_dir
 from llmtrain.data.schedule import batch_indices
+from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
-from llmtrain.registry import latest_run, load_causal_lm, resolve_model
+from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
-    cache_dir,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -57,8 +55,8 @@ def run(cfg: SftConfig) -> Path:
     _check_config(cfg)
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    init = _resolve_init(cfg)
-    run = Run.open(cfg, "sft", _parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
+    init = resolve_init(cfg.init, cfg.runs_dir, "pretrain")
+    run = Run.open(cfg, "sft", parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
 
     # ---- model, tokenizer, LoRA
     tokenizer = load_tokenizer(init.path)
@@ -71,7 +69,7 @@ def run(cfg: SftConfig) -> Path:
         model = add_lora(model, cfg, task_type="CAUSAL_LM")
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
-    train_rows, eval_rows = _load_rows(cfg)
+    train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
     train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length)
     eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length)
     if not train_examples:
@@ -101,7 +99,7 @@ def run(cfg: SftConfig) -> Path:
     run.start(
         config_to_dict(cfg),
         parent=init.run_name or init.path,
-        preset=_parent_manifest(init).get("preset"),
+        preset=parent_manifest(init).get("preset"),
         model={
             "source": init.kind,
             "spec": init.spec,
@@ -237,46 +235,6 @@ def _check_config(cfg: SftConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(cfg, name) < 1:
             raise LLMTrainError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
-
-
-def _resolve_init(cfg: SftConfig):
-    if cfg.init == "latest":
-        latest = latest_run(cfg.runs_dir, "pretrain")
-        if latest is None:
-            raise LLMTrainError(
-                f"--init latest: there is no finished pretrain run in {cfg.runs_dir} to fine-tune. Make one with "
-                f"`accelerate launch recipes/pretrain.py` (or run the stages in order with "
-                f"`python recipes/pipeline.py`), or give --init a run, a checkpoint folder or a Hub id."
-            )
-        return resolve_model(latest["_dir"], cfg.runs_dir)
-    source = resolve_model(cfg.init, cfg.runs_dir)
-    if source.kind == "preset":
-        raise LLMTrainError(f"--init {cfg.init} is a preset with random weights; fine-tune a trained model.")
-    return source
-
-
-def _parent_manifest(init) -> dict:
-    from llmtrain.registry import read_manifest
-
-    try:
-        return read_manifest(init.path) if init.kind == "run" else {}
-    except LLMTrainError:
-        return {}
-
-
-def _load_rows(cfg: SftConfig) -> tuple[list[list[dict]], list[list[dict]]]:
-    """Training and held-out conversations: the task's own split for the default, else --eval_data or a split."""
-    default_dir = default_data_dir(cache_dir(cfg.cache_dir))
-    train_spec = str(default_dir / "sft_train.jsonl") if cfg.data == "default" else cfg.data
-    rows = load_chat_rows(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
-    if cfg.eval_data == "default" and cfg.data == "default":
-        return rows, load_chat_rows(str(default_dir / "sft_val.jsonl"))
-    if cfg.eval_data not in (None, "default"):
-        return rows, load_chat_rows(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    n_eval = max(1, round(cfg.val_fraction * len(rows)))
-    eval_idx = set(order[:n_eval].tolist())
-    return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
 
 
 def _prompt_of(messages: list[dict]) -> str | None:

@@ -1,0 +1,33 @@
+"""Training and held-out rows for the fine-tuning stages, chosen the same way in each.
+
+`--data default` uses the embedded task's own files (its held-out file has problems no training file
+holds); otherwise `--eval_data` names the held-out rows, or a seeded `val_fraction` of `--data` is held out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from llmtrain.data.corpus import default_data_dir
+from llmtrain.runtime import cache_dir
+
+Row = TypeVar("Row")
+
+
+def train_and_eval_rows(
+    cfg: Any, load: Callable[..., list[Row]], default_train: str, default_eval: str
+) -> tuple[list[Row], list[Row]]:
+    """Load the training rows and the held-out rows; `load(spec, split, dataset_config, max_rows)` reads one source."""
+    default_dir = default_data_dir(cache_dir(cfg.cache_dir))
+    train_spec = str(default_dir / default_train) if cfg.data == "default" else cfg.data
+    rows = load(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
+    if cfg.eval_data == "default" and cfg.data == "default":
+        return rows, load(str(default_dir / default_eval))
+    if cfg.eval_data not in (None, "default"):
+        return rows, load(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    held = set(order[: max(1, round(cfg.val_fraction * len(rows)))].tolist())
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
