@@ -73,7 +73,8 @@ def make_accelerator(cfg: Any):
         # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU processes, which leaves cores idle (a third of
         # the speed on 2 cores); share this machine's cores among its processes instead.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_processes))
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
