@@ -7,8 +7,22 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_cli import TINY_FLAGS, env_for
 
+LAUNCH_TWO = [
+    "accelerate",
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
-def losses(run_dir) -> dict[int, dict]:
+
+def logged(run_dir) -> dict[int, dict]:
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -16,8 +30,40 @@ def losses(run_dir) -> dict[int, dict]:
     return rows
 
 
-def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, small_corpus):
-    common = [
+def assert_two_processes_match_one(tmp_path, args: list[str], batch: int, steps: int) -> None:
+    """1 process with batch 2B and 2 processes (gloo) with batch B: same losses and the same final weights."""
+    env = env_for(tmp_path)
+    one = subprocess.run(
+        [sys.executable, *args, "--batch_size", str(2 * batch), "--run_name", "one"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [*LAUNCH_TWO, *args, "--batch_size", str(batch), "--run_name", "two"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    runs = tmp_path / "runs"
+    a, b = logged(runs / "one"), logged(runs / "two")
+    assert json.loads((runs / "two" / "llmtrain.json").read_text())["world_size"] == 2  # two real processes
+    for step in range(1, steps + 1):
+        assert abs(a[step]["train_loss"] - b[step]["train_loss"]) < 1e-4, step
+    assert abs(a[steps]["val_loss"] - b[steps]["val_loss"]) < 1e-4
+    wa, wb = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4)
+
+
+def test_pretraining_with_two_processes_matches_one_process(tmp_path, small_corpus):
+    args = [
         str(REPO / "recipes" / "pretrain.py"),
         "--data",
         str(small_corpus),
@@ -27,51 +73,11 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, sm
         "1",
         *TINY_FLAGS,
     ]
-    env = env_for(tmp_path)
-    one = subprocess.run(
-        [sys.executable, *common, "--batch_size", "8", "--run_name", "one"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    launch = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    two = subprocess.run(
-        [*launch, *common, "--batch_size", "4", "--run_name", "two"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "x 2 processes" in two.stdout  # two real processes, not two lone copies
-
-    runs = tmp_path / "runs"
-    a, b = losses(runs / "one"), losses(runs / "two")
-    for step in range(1, 13):
-        assert abs(a[step]["train_loss"] - b[step]["train_loss"]) < 1e-4, step
-    assert abs(a[12]["val_loss"] - b[12]["val_loss"]) < 1e-4
-    wa, wb = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4)
+    assert_two_processes_match_one(tmp_path, args, batch=4, steps=12)
 
 
 def test_sft_with_two_processes_matches_one_process(tmp_path, finished_run):
-    common = [
+    args = [
         str(REPO / "recipes" / "sft.py"),
         "--init",
         str(finished_run),
@@ -90,41 +96,4 @@ def test_sft_with_two_processes_matches_one_process(tmp_path, finished_run):
         "--num_samples",
         "0",
     ]
-    env = env_for(tmp_path)
-    one = subprocess.run(
-        [sys.executable, *common, "--batch_size", "8", "--run_name", "one"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    launch = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    two = subprocess.run(
-        [*launch, *common, "--batch_size", "4", "--run_name", "two"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    runs = tmp_path / "runs"
-    a, b = losses(runs / "one"), losses(runs / "two")
-    for step in range(1, 9):
-        assert abs(a[step]["train_loss"] - b[step]["train_loss"]) < 1e-4, step
-    assert abs(a[8]["val_loss"] - b[8]["val_loss"]) < 1e-4
-    wa, wb = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4)
+    assert_two_processes_match_one(tmp_path, args, batch=4, steps=8)
