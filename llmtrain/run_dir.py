@@ -189,6 +189,19 @@ class Run:
         accelerator.wait_for_everyone()
         return final
 
+    def checkpoint_after_step(
+        self, accelerator, step: int, total_steps: int, state: dict[str, Any], cfg: Any, signum: int
+    ) -> None:
+        """After a step: on a signal, save and raise RunInterrupted; else save every `cfg.save_every` steps."""
+        from llmtrain.errors import RunInterrupted
+
+        if signum:
+            self.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+            self.update(status="interrupted")
+            raise RunInterrupted(self.name, str(self.path), step, signum)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            self.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+
     def load_checkpoint(self, accelerator) -> dict[str, Any]:
         """Restore model, optimizer and RNG state from `resume_from`; return its trainer state."""
         assert self.resume_from is not None

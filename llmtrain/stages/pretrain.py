@@ -8,6 +8,7 @@ budget or a signal, ends the same way: a checkpoint or a finished run, never a l
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +25,7 @@ from llmtrain.data.corpus import (
     resolve_corpus,
 )
 from llmtrain.data.windows import TokenWindows
-from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_lm
 from llmtrain.flops import flops_per_token, non_embedding_params, peak_flops
 from llmtrain.generate import sample
@@ -195,12 +196,9 @@ def run(cfg: PretrainConfig) -> Path:
             if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
                 _print_samples(progress.write, raw_model, tokenizer, val_data, cfg)
             train_state = {"tokens_seen": tokens_seen, "train_time_s": train_time}
-            if signalled:
-                run.save_checkpoint(accelerator, step, train_state, cfg.keep_checkpoints)
-                run.update(status="interrupted", metrics={"tokens_seen": tokens_seen})
-                raise RunInterrupted(run.name, str(run.path), step, stop_signal[0])
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                run.save_checkpoint(accelerator, step, train_state, cfg.keep_checkpoints)
+            run.checkpoint_after_step(
+                accelerator, step, total_steps, train_state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
+            )
     except LLMTrainError:
         run.update(status="failed")
         raise

@@ -8,6 +8,7 @@ loop, the end (pairwise accuracy, score distributions, save, register).
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +21,7 @@ from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
-from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.errors import LLMTrainError
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.losses import bradley_terry_loss
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
@@ -151,12 +152,9 @@ def run(cfg: RewardConfig) -> Path:
                     accelerator,
                 )
             state = {"train_time_s": train_time}
-            if signalled:
-                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
-                run.update(status="interrupted")
-                raise RunInterrupted(run.name, str(run.path), step, stop_signal[0])
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+            run.checkpoint_after_step(
+                accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
+            )
     except LLMTrainError:
         run.update(status="failed")
         raise

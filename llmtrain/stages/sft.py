@@ -9,6 +9,7 @@ global batch, so resuming, accumulating and adding processes all give the same c
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from llmtrain.data.chat import (
 )
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
-from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
@@ -191,12 +192,9 @@ def run(cfg: SftConfig) -> Path:
                 val = _evaluate(model, raw_model, tokenizer, eval_examples, [], None, cfg, accelerator)
                 run.log_metrics(step, val, accelerator)
             state = {"train_time_s": train_time, "parent_metrics": parent_metrics}
-            if signalled:
-                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
-                run.update(status="interrupted")
-                raise RunInterrupted(run.name, str(run.path), step, stop_signal[0])
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                run.save_checkpoint(accelerator, step, state, cfg.keep_checkpoints)
+            run.checkpoint_after_step(
+                accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
+            )
     except LLMTrainError:
         run.update(status="failed")
         raise
