@@ -111,12 +111,12 @@ class PretrainConfig(RunConfig):
 
 
 @dataclass
-class SftConfig(RunConfig):
-    """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
+class FinetuneConfig(RunConfig):
+    """Fields every stage that starts from a trained model shares: data, LoRA, optimisation, schedule."""
 
     init: str = field(
         default="latest",
-        metadata={"help": "Model to tune: 'latest' pretrain run, a run, a local checkpoint or a Hub id."},
+        metadata={"help": "Model to start from: 'latest' run of the stage before, a run, a checkpoint or a Hub id."},
     )
     data: str = field(
         default="default",
@@ -132,7 +132,6 @@ class SftConfig(RunConfig):
     max_rows: int | None = field(default=None, metadata={"help": "Read at most this many training rows."})
     val_fraction: float = field(default=0.05, metadata={"help": "Held out from --data when it has no eval split."})
     max_length: int = field(default=128, metadata={"help": "Longer examples are truncated, or dropped."})
-    packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
     # model
     lora: bool = False
     lora_r: int = 16
@@ -143,7 +142,7 @@ class SftConfig(RunConfig):
     compile: bool = False
     mixed_precision: str = "auto"
     # optimisation
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"help": "Examples (or pairs) per process per micro-step."})
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -154,66 +153,35 @@ class SftConfig(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
     max_steps: int | None = None
     max_time_s: float | None = None
-    # evaluation
+    eval_every: int = 100
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SftConfig(FinetuneConfig):
+    """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
+
+    packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
+    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
     task: str = field(
         default="auto",
         metadata={"help": "Answer checker for task_accuracy: auto (the default task), none, or module:function."},
     )
     task_eval_rows: int = field(default=400, metadata={"help": "Held-out prompts answered for task_accuracy."})
     max_new_tokens: int = 24
-    eval_every: int = 100
-    log_every: int = 10
     num_samples: int = 3
-    save_every: int = 200
-    keep_checkpoints: int = 2
 
 
 @dataclass
-class RewardConfig(RunConfig):
+class RewardConfig(FinetuneConfig):
     """A reward model (one score per sequence) trained on preference pairs with the Bradley-Terry loss."""
 
-    init: str = field(
-        default="latest",
-        metadata={"help": "Model to start from: 'latest' SFT run, a run, a local checkpoint or a Hub id."},
-    )
-    data: str = field(default="default", metadata={"help": "'default' (the task's pairs), a file, or a Hub id."})
-    eval_data: str | None = field(default="default", metadata={"help": "Held-out pairs: 'default', a file or Hub id."})
-    dataset_config: str | None = None
-    dataset_split: str = "train"
-    eval_split: str = "test"
-    max_rows: int | None = None
-    val_fraction: float = 0.05
-    max_length: int = 128
     margin: float = field(default=0.0, metadata={"help": "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)."})
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
-    merge_lora: bool = True
-    compile: bool = False
-    mixed_precision: str = "auto"
-    batch_size: int = field(default=32, metadata={"help": "Preference pairs per process per micro-step."})
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    epochs: float = 2.0
-    max_steps: int | None = None
-    max_time_s: float | None = None
-    eval_every: int = 100
-    log_every: int = 10
-    save_every: int = 200
-    keep_checkpoints: int = 2
 
 
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SftConfig, "reward": RewardConfig}
