@@ -1,8 +1,9 @@
-"""`llmtrain <command>`: run a stage, list runs, sample, chat with or evaluate a run, train a tokenizer."""
+"""`llmtrain <command>`: run a stage; list, sample from, chat with, evaluate or push runs; train a tokenizer."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,14 +18,38 @@ def run_stage(stage: str, argv: list[str]) -> int:
         from llmtrain.config import STAGE_CONFIGS, parse_config
 
         cfg = parse_config(STAGE_CONFIGS[stage], argv)
+        from llmtrain.hub import check_push_config
+
+        check_push_config(cfg)  # a push that cannot happen is refused before training, not after
         module = __import__(f"llmtrain.stages.{stage}", fromlist=["run"])
-        module.run(cfg)
+        run_path = module.run(cfg)
     except LLMTrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
+    # Under `accelerate launch` every process runs the stage; only global rank 0 uploads.
+    if cfg.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        return _push(run_path, cfg.hub_repo_id, cfg.hub_private)
+    return 0
+
+
+def _push(run_path: Path, repo_id: str, private: bool, license: str | None = None, dry_run: bool = False) -> int:
+    """Stage and upload a finished run (or only stage it), printing the listing and where it went."""
+    from llmtrain.hub import DEFAULT_LICENSE, push_run
+
+    try:
+        result = push_run(run_path, repo_id, private, license or DEFAULT_LICENSE, dry_run=dry_run)
+    except LLMTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(f"Dry run: this folder is what `llmtrain push` would upload to {repo_id}: {result['staged']}")
+        print(result["listing"])
+    else:
+        print(f"Uploaded {run_path.name} to {result['url']} (commit {result['commit']}):")
+        print(result["listing"])
     return 0
 
 
@@ -129,6 +154,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from llmtrain.hub import find_run
+
+    run_path = find_run(args.run, _runs_dir(args.runs_dir))
+    return _push(run_path, args.repo_id, args.private, args.license, args.dry_run)
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmtrain.data.corpus import documents_for_tokenizer, load_documents, resolve_corpus
     from llmtrain.runtime import cache_dir
@@ -189,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response", required=True)
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("push", help="upload a run to the Hugging Face Hub with a generated model card")
+    p.add_argument("run", help="finished run name or run folder")
+    p.add_argument("--repo_id", required=True, help="Hub repository: user/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--license", default="apache-2.0", help="license field of the model card")
+    p.add_argument("--dry_run", action="store_true", help="only write RUN/hub_upload, the folder that would go")
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--data", default="default")

@@ -45,6 +45,11 @@ class RunConfig:
         default=None,
         metadata={"help": "Token-shard and tokenizer cache (default: $LLMTRAIN_CACHE or ~/.cache/llmtrain)."},
     )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the finished run to the Hugging Face Hub (needs hub_repo_id)."}
+    )
+    hub_repo_id: str | None = field(default=None, metadata={"help": "Hub repository to upload to: user/name."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
 
 @dataclass
