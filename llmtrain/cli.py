@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmtrain.errors import LLMTrainError, RunInterrupted
 
-STAGES = ("pretrain", "sft", "reward")
+STAGES = ("pretrain", "sft", "reward", "dpo")
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
@@ -135,11 +135,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import torch
-
     from llmtrain.data.chat import ensure_chat_template
     from llmtrain.registry import resolve_model
-    from llmtrain.stages.reward import load_reward_model
+    from llmtrain.stages.reward import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
 
     source = resolve_model(args.run, _runs_dir(args.runs_dir))
@@ -148,9 +146,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     tokenizer = ensure_chat_template(load_tokenizer(source.path))
     model = load_reward_model(source.path, tokenizer, args.run).eval()
     messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    with torch.no_grad():
-        print(f"{model(input_ids=ids['input_ids']).logits[0, 0].item():.4f}")
+    print(f"{score_conversations(model, tokenizer, [messages])[0]:.4f}")
     return 0
 
 

@@ -168,11 +168,9 @@ class FinetuneConfig(RunConfig):
 
 
 @dataclass
-class SftConfig(FinetuneConfig):
-    """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
+class PolicyConfig(FinetuneConfig):
+    """Stages that tune a causal LM (SFT, DPO, PPO) and measure it by its greedy answers to held-out prompts."""
 
-    packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
-    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
     task: str = field(
         default="auto",
         metadata={"help": "Answer checker for task_accuracy: auto (the default task), none, or module:function."},
@@ -183,13 +181,113 @@ class SftConfig(FinetuneConfig):
 
 
 @dataclass
+class SftConfig(PolicyConfig):
+    """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
+
+    packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
+    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
+
+
+@dataclass
 class RewardConfig(FinetuneConfig):
     """A reward model (one score per sequence) trained on preference pairs with the Bradley-Terry loss."""
 
     margin: float = field(default=0.0, metadata={"help": "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)."})
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SftConfig, "reward": RewardConfig}
+@dataclass
+class DpoConfig(PolicyConfig):
+    """Direct preference optimisation of a causal LM against a frozen reference (its SFT parent)."""
+
+    beta: float = field(default=0.1, metadata={"help": "Strength of the implicit KL to the reference."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, or conservative (cDPO)."})
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "conservative: the assumed share of pairs whose labels are flipped."}
+    )
+    nll_weight: float = field(
+        default=0.0, metadata={"help": "Weight of a negative log-likelihood term on the chosen answers (RPO)."}
+    )
+    precompute_ref: bool = field(
+        default=False,
+        metadata={"help": "Score every pair with the reference once, before training; no reference in memory."},
+    )
+    judge: str = field(
+        default="latest",
+        metadata={"help": "Reward model for the win rate against the parent: latest, a run, a folder, or none."},
+    )
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    epochs: float = 1.0
+
+
+@dataclass
+class PpoConfig(PolicyConfig):
+    """PPO of a causal LM against a reward model or a reward function (or GRPO-style group advantages)."""
+
+    reward_model: str = field(
+        default="latest",
+        metadata={"help": "Reward model: 'latest' reward run, a run, or a sequence-classification folder or Hub id."},
+    )
+    reward_fn: str | None = field(
+        default=None,
+        metadata={"help": "module:function taking (prompts, responses) and returning floats; replaces the model."},
+    )
+    value_model: str = field(
+        default="auto",
+        metadata={
+            "help": "Critic: reward (initialised from the reward model), policy (the policy's weights with a new "
+            "score head), head (a value head on the policy itself), or auto (reward if there is one, else policy)."
+        },
+    )
+    advantage: str = field(
+        default="gae",
+        metadata={"help": "gae (PPO with a critic) or group (GRPO-style, relative to the prompt's other samples)."},
+    )
+    num_generations: int = field(default=1, metadata={"help": "Responses per prompt (at least 2 for group)."})
+    # rollouts
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature, also applied to log-probs."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k likeliest tokens only (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off)."})
+    missing_eos_penalty: float = field(
+        default=1.0, metadata={"help": "Subtracted from the score of a response that never ends."}
+    )
+    center_rewards: bool = field(
+        default=True, metadata={"help": "Shift scores so their mean on the starting policy's answers is zero."}
+    )
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    # PPO
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per pass over the rollouts."})
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    value_lr: float = field(default=3e-4, metadata={"help": "Learning rate of the critic."})
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty against the reference."})
+    target_kl: float | None = field(
+        default=None, metadata={"help": "Adapt kl_coef toward this KL per response (adaptive KL controller)."}
+    )
+    kl_horizon: int = 10_000
+    sample_every: int = field(default=10, metadata={"help": "Print (and save) a few rollouts every N steps."})
+    # the fields every stage has, with PPO's defaults: batch_size counts prompts per process per PPO step
+    batch_size: int = field(default=64, metadata={"help": "Prompts per process per PPO step."})
+    lr: float = 3e-5
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    epochs: float = 1.0
+    eval_every: int = 0
+    log_every: int = 1
+    save_every: int = 50
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "sft": SftConfig,
+    "reward": RewardConfig,
+    "dpo": DpoConfig,
+    "ppo": PpoConfig,
+}
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -1,4 +1,4 @@
-"""Evaluation: held-out loss and bits per byte, task accuracy (later stages add reward accuracy, win rate)."""
+"""Evaluation: held-out loss and bits per byte, task accuracy, and the win rate of one policy over another."""
 
 from __future__ import annotations
 
@@ -158,3 +158,29 @@ def evaluate_chat_model(
     if checker is not None:
         metrics["task_accuracy"], _ = task_accuracy(model, tokenizer, prompts, checker, max_new_tokens)
     return metrics
+
+
+def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: list[str], accelerator) -> float:
+    """Share of prompts where the judge (a reward model source) scores `replies` above `baseline`; identical
+    replies count as a tie (one half). The prompts are split across processes and the verdicts gathered."""
+    from accelerate.utils import gather_object
+
+    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.stages.reward import load_reward_model, score_conversations
+    from llmtrain.tokenizer import load_tokenizer
+
+    tokenizer = ensure_chat_template(load_tokenizer(judge.path))
+    model = load_reward_model(judge.path, tokenizer, judge.spec).to(accelerator.device).eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(prompts)))[rank::world]
+
+    def scores(answers: list[str]) -> list[float]:
+        conversations = [prompts[i] + [{"role": "assistant", "content": answers[i]}] for i in mine]
+        return score_conversations(model, tokenizer, conversations)
+
+    verdicts = [
+        0.5 if replies[i] == baseline[i] else float(new > old)
+        for i, new, old in zip(mine, scores(replies), scores(baseline))
+    ]
+    verdicts = gather_object(verdicts) if world > 1 else verdicts
+    return sum(verdicts) / max(len(verdicts), 1)

@@ -1,8 +1,10 @@
-"""The stages in order on one registry: tokenizer -> pretrain -> sft, with one summary table.
+"""The stages in order on one registry: tokenizer -> pretrain -> sft -> reward -> dpo, with one summary table.
 
-A pipeline recipe is a YAML file with one section per stage (`tokenizer:`, `pretrain:`, `sft:`), each
-holding that stage's config keys. Runs are named `<name>-<stage>`; a stage whose run is finished is
-skipped unless it is named in `redo`, so an interrupted pipeline continues where it stopped.
+A pipeline recipe is a YAML file with one section per stage (`tokenizer:`, `pretrain:`, `sft:`,
+`reward:`, `dpo:`), each holding that stage's config keys. Runs are named `<name>-<stage>` and each
+stage starts from the runs before it (SFT from the pretrain run; the reward model and DPO from the
+SFT run, DPO judged by the reward model). A stage whose run is finished is skipped unless it, or a
+stage it depends on, is run again (`--redo`), so an interrupted pipeline continues where it stopped.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from typing import Any
 
 import yaml
 
-from llmtrain.config import PretrainConfig, SftConfig, config_from_dict, default_runs_dir
+from llmtrain.config import STAGE_CONFIGS, PretrainConfig, config_from_dict, default_runs_dir
 from llmtrain.errors import LLMTrainError
 from llmtrain.registry import headline, read_manifest
 
-STAGES = ("tokenizer", "pretrain", "sft")
+# Each trained stage, the stages whose runs it reads, and the config keys that name those runs.
+INPUTS: dict[str, dict[str, str]] = {
+    "pretrain": {},
+    "sft": {"init": "pretrain"},
+    "reward": {"init": "sft"},
+    "dpo": {"init": "sft", "judge": "reward"},
+}
+STAGES = ("tokenizer", *INPUTS)
 
 
 @dataclass
@@ -36,19 +45,24 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
     unknown = set(recipe) - set(STAGES)
     if unknown:
         raise LLMTrainError(f"Unknown pipeline section(s) {sorted(unknown)}; the sections are {', '.join(STAGES)}.")
+    # Every config is read before anything runs, so a typo in the last section fails in the first second.
+    configs = {
+        stage: config_from_dict(
+            STAGE_CONFIGS[stage],
+            {
+                **recipe.get(stage, {}),
+                **{key: f"{name}-{source}" for key, source in inputs.items()},
+                "runs_dir": runs_dir,
+                "run_name": f"{name}-{stage}",
+            },
+            f"the pipeline's {stage} section",
+        )
+        for stage, inputs in INPUTS.items()
+    }
     results: list[StageResult] = []
-    pretrain_cfg = config_from_dict(
-        PretrainConfig,
-        {**recipe.get("pretrain", {}), "runs_dir": runs_dir, "run_name": f"{name}-pretrain"},
-        "the pipeline's pretrain section",
-    )
-    sft_cfg = config_from_dict(
-        SftConfig,
-        {**recipe.get("sft", {}), "runs_dir": runs_dir, "run_name": f"{name}-sft", "init": f"{name}-pretrain"},
-        "the pipeline's sft section",
-    )
 
     # tokenizer: trained on the pretraining corpus, saved as a folder beside the runs
+    pretrain_cfg = configs["pretrain"]
     tok_dir = Path(runs_dir) / f"{name}-tokenizer"
     tok_opts = {"vocab_size": pretrain_cfg.vocab_size, **recipe.get("tokenizer", {})}
     if not (tok_dir / "tokenizer.json").is_file() or redo & {"tokenizer", "all"}:
@@ -60,12 +74,14 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
         redo = redo | {"pretrain"}  # a new tokenizer invalidates the runs built on the old one
     else:
         results.append(StageResult("tokenizer", tok_dir.name, f"vocab={tok_opts['vocab_size']}", 0.0, True))
-
     pretrain_cfg.tokenizer = str(tok_dir)
-    results.append(_run_stage("pretrain", pretrain_cfg, redo))
-    if results[-1].skipped is False:
-        redo = redo | {"sft"}
-    results.append(_run_stage("sft", sft_cfg, redo))
+
+    for stage, inputs in INPUTS.items():
+        if redo & set(inputs.values()):
+            redo = redo | {stage}  # a stage built on a run that was just made again is made again too
+        results.append(_run_stage(stage, configs[stage], redo))
+        if not results[-1].skipped:
+            redo = redo | {stage}
     return results
 
 
@@ -107,7 +123,7 @@ def format_table(results: list[StageResult]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
-    parser.add_argument("--config", help="pipeline recipe (YAML with tokenizer/pretrain/sft sections)")
+    parser.add_argument("--config", help="pipeline recipe (YAML with one section per stage)")
     parser.add_argument("--runs_dir", default=None)
     parser.add_argument("--name", default="pipeline", help="prefix of the run names")
     parser.add_argument("--redo", default="", help="comma-separated stages to run again, or 'all'")

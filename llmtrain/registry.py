@@ -143,6 +143,20 @@ def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSou
     return source
 
 
+def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
+    """The reward model that judges a tuned policy: 'latest' (the newest finished reward run, if there is one),
+    'none', or any run, folder or Hub id of a sequence classifier."""
+    if spec == "none":
+        return None
+    if spec == "latest":
+        latest = latest_run(runs_dir, "reward")
+        return resolve_model(latest["_dir"], runs_dir) if latest else None
+    source = resolve_model(spec, runs_dir)
+    if source.kind == "preset":
+        raise LLMTrainError(f"--judge {spec} is a preset with random weights; give a reward model run.")
+    return source
+
+
 def parent_manifest(source: ModelSource) -> dict[str, Any]:
     """The manifest of the run a stage starts from ({} for checkpoints that are not runs)."""
     try:

@@ -98,3 +98,32 @@ def sft_run(finished_run) -> Path:
     from llmtrain.stages import sft
 
     return sft.run(tiny_sft_config(finished_run.parent, run_name="sft-tiny"))
+
+
+def reward_config(runs_dir: Path, **overrides):
+    """A reward-model config that trains on `sft-tiny` in a few seconds."""
+    from llmtrain.config import RewardConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="sft-tiny",
+        max_rows=600,
+        batch_size=16,
+        max_steps=60,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+    )
+    values.update(overrides)
+    return RewardConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run) -> Path:
+    """One finished reward model on `sft-tiny`, shared by the reward, DPO and PPO tests."""
+    from llmtrain.stages import reward
+
+    return reward.run(reward_config(sft_run.parent, run_name="rm-tiny"))

@@ -1,34 +1,11 @@
 import json
 
 import pytest
+from conftest import reward_config
 from transformers import AutoModelForSequenceClassification
 
-from llmtrain.config import RewardConfig
 from llmtrain.errors import LLMTrainError
 from llmtrain.stages import reward
-
-
-def reward_config(runs_dir, **overrides) -> RewardConfig:
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="sft-tiny",
-        max_rows=600,
-        batch_size=16,
-        max_steps=60,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-    )
-    values.update(overrides)
-    return RewardConfig(**values)
-
-
-@pytest.fixture(scope="session")
-def reward_run(sft_run):
-    return reward.run(reward_config(sft_run.parent, run_name="rm-tiny"))
 
 
 def test_the_reward_model_learns_to_rank_chosen_above_rejected(reward_run):

@@ -230,3 +230,20 @@ def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> t
     c, r = torch.tensor(chosen_all), torch.tensor(rejected_all)
     metrics = {"val_loss": bradley_terry_loss(c, r).item(), "reward_accuracy": (c > r).float().mean().item()}
     return metrics, {"chosen": chosen_all, "rejected": rejected_all}
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64) -> list[float]:
+    """The reward model's score of each whole conversation (its last turn is the answer being judged)."""
+    scores: list[float] = []
+    for i in range(0, len(conversations), batch_size):
+        rows = [
+            tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+            for c in conversations[i : i + batch_size]
+        ]
+        longest = max(len(r) for r in rows)
+        # Right padding: the classifier reads its score at the last token that is not padding.
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (longest - len(r)) for r in rows], device=model.device)
+        mask = (torch.arange(longest)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).to(model.device)
+        scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return scores

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.config import SftConfig, config_to_dict
+from llmtrain.config import PolicyConfig, SftConfig, config_to_dict
 from llmtrain.data.chat import (
     collate_packed,
     collate_padded,
@@ -206,7 +206,7 @@ def run(cfg: SftConfig) -> Path:
     final = _evaluate(model, raw_model, tokenizer, eval_examples, eval_prompts, checker, cfg, accelerator, show=True)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
-    _save(raw_model, accelerator.get_state_dict(model), tokenizer, run, cfg, accelerator)
+    save_policy(raw_model, accelerator.get_state_dict(model), tokenizer, run, cfg, accelerator)
     metrics = {
         **final,
         "train_loss": train_loss,
@@ -258,8 +258,9 @@ def _evaluate(
     return metrics
 
 
-def _save(raw_model, state_dict, tokenizer, run: Run, cfg: SftConfig, accelerator) -> None:
-    """Save a Hugging Face checkpoint: merged weights by default, or the LoRA adapter with --merge_lora false."""
+def save_policy(raw_model, state_dict, tokenizer, run: Run, cfg: PolicyConfig, accelerator) -> None:
+    """Save a tuned causal LM as a Hugging Face checkpoint that generates until the end of its turn: merged
+    weights by default, or the LoRA adapter with --merge_lora false."""
     if not accelerator.is_main_process:
         return
     model = model_to_save(raw_model, cfg)

@@ -1,0 +1,148 @@
+import json
+import math
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from llmtrain.config import DpoConfig
+from llmtrain.errors import LLMTrainError
+from llmtrain.stages import dpo
+
+
+def dpo_config(runs_dir, **overrides) -> DpoConfig:
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="sft-tiny",
+        max_rows=400,
+        batch_size=16,
+        max_steps=20,
+        lr=5e-3,
+        warmup_steps=2,
+        max_length=64,
+        task_eval_rows=24,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        num_samples=1,
+        max_new_tokens=12,
+        judge="none",
+    )
+    values.update(overrides)
+    return DpoConfig(**values)
+
+
+def logged(run_dir) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_run, reward_run):
+    # 32 pairs seen ten times each: the tiny model must learn to prefer the chosen answers it is shown.
+    cfg = dpo_config(sft_run.parent, run_name="dpo-tiny", judge="rm-tiny", eval_every=10, max_rows=32)
+    return dpo.run(cfg)
+
+
+def test_dpo_separates_chosen_from_rejected_and_records_the_evaluation(dpo_run):
+    m = json.loads((dpo_run / "llmtrain.json").read_text())
+    assert m["stage"] == "dpo" and m["status"] == "finished" and m["parent"] == "sft-tiny"
+    assert m["model"]["reference"] == "copy" and m["model"]["judge"] == "rm-tiny"
+    rows = logged(dpo_run)
+    # Step 1: the policy is the reference, so h = 0 and the sigmoid loss is log 2 with zero rewards.
+    assert rows[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[1]["chosen_reward"] == pytest.approx(0, abs=1e-5)
+    late = [rows[s] for s in range(16, 21)]
+    assert sum(r["margin"] for r in late) / 5 > 0.15  # the implicit reward margin grows from 0
+    assert sum(r["accuracy"] for r in late) / 5 > 0.6 and sum(r["train_loss"] for r in late) / 5 < 0.65
+    metrics = m["metrics"]
+    assert 0 <= metrics["val_accuracy"] <= 1 and math.isfinite(metrics["val_loss"])
+    assert 0 <= metrics["task_accuracy"] <= 1 and 0 <= metrics["parent_task_accuracy"] <= 1
+    assert 0 <= metrics["win_rate"] <= 1
+    assert "val_loss" in rows[10]  # evaluated during training too
+    assert AutoModelForCausalLM.from_pretrained(dpo_run).config.use_cache
+
+
+@pytest.mark.parametrize(
+    "overrides, first_loss",
+    [
+        ({"loss_type": "ipo", "beta": 0.1}, (1 / (2 * 0.1)) ** 2),  # (h - 1/(2 beta))^2 at h = 0
+        ({"loss_type": "conservative", "label_smoothing": 0.2}, math.log(2)),  # both terms are log 2 at h = 0
+    ],
+)
+def test_the_loss_variants_start_from_their_closed_form(sft_run, overrides, first_loss):
+    out = dpo.run(
+        dpo_config(sft_run.parent, max_steps=3, task="none", run_name=f"dpo-{overrides['loss_type']}", **overrides)
+    )
+    assert logged(out)[1]["train_loss"] == pytest.approx(first_loss, rel=1e-5)
+
+
+def test_precomputed_reference_gives_the_same_curve_as_a_reference_copy(sft_run):
+    runs = sft_run.parent
+    common = dict(max_steps=6, task="none", lr=3e-3)
+    copy = logged(dpo.run(dpo_config(runs, run_name="dpo-copy", **common)))
+    pre = dpo.run(dpo_config(runs, run_name="dpo-pre", precompute_ref=True, **common))
+    assert json.loads((pre / "llmtrain.json").read_text())["model"]["reference"] == "precomputed"
+    pre = logged(pre)
+    for step in range(1, 7):
+        assert pre[step]["train_loss"] == pytest.approx(copy[step]["train_loss"], abs=1e-4), step
+        assert pre[step]["margin"] == pytest.approx(copy[step]["margin"], abs=1e-4), step
+
+
+def test_lora_uses_the_adapter_disabled_base_as_reference(sft_run):
+    out = dpo.run(dpo_config(sft_run.parent, run_name="dpo-lora", lora=True, max_steps=8, task="none", lr=3e-3))
+    m = json.loads((out / "llmtrain.json").read_text())
+    assert m["model"]["reference"] == "adapter-disabled base"
+    rows = logged(out)
+    assert rows[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # adapter starts at zero
+    assert rows[8]["margin"] > rows[1]["margin"]
+    AutoModelForCausalLM.from_pretrained(out)  # merged on save
+
+
+def test_dpo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
+    runs = sft_run.parent
+    reference = logged(dpo.run(dpo_config(runs, max_steps=10, task="none", run_name="dpo-ref", precompute_ref=True)))
+    original = dpo.batch_indices
+
+    def crash_at_step_7(n, global_batch, seed, j):
+        if j == 7:
+            raise RuntimeError("simulated crash")
+        return original(n, global_batch, seed, j)
+
+    monkeypatch.setattr(dpo, "batch_indices", crash_at_step_7)
+    cfg = dpo_config(runs, max_steps=10, task="none", save_every=5, run_name="dpo-crash", precompute_ref=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dpo.run(cfg)
+    monkeypatch.setattr(dpo, "batch_indices", original)
+    resumed = dpo.run(cfg)
+    rows = logged(resumed)
+    assert sorted(s for s in rows if "train_loss" in rows[s]) == list(range(1, 11))
+    for step in range(1, 11):
+        assert rows[step]["train_loss"] == pytest.approx(reference[step]["train_loss"], abs=1e-5), step
+    assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [5]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"loss_type": "hinge"}, r"--loss_type hinge: choose one of sigmoid, ipo, conservative"),
+        ({"beta": 0.0}, r"--beta must be positive"),
+        ({"judge": "gpt-nano"}, r"--judge gpt-nano is a preset"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(sft_run, overrides, message):
+    with pytest.raises(LLMTrainError, match=message):
+        dpo.run(dpo_config(sft_run.parent, run_name="dpo-bad", **overrides))
+
+
+def test_pairs_with_identical_answers_name_the_file_and_row(sft_run, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    rows = [
+        {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"},
+        {"prompt": "Hi", "chosen": "a", "rejected": "a"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LLMTrainError, match=r"prefs.jsonl.*line 2"):
+        dpo.run(dpo_config(sft_run.parent, data=str(data), run_name="dpo-same"))
