@@ -68,7 +68,7 @@ def lineage(run_path: Path) -> list[dict[str, Any]]:
     while len(chain) < 50:  # a guard against a (hand-edited) cycle
         last = chain[-1]
         parent = last.get("parent")
-        if not parent or last.get("model", {}).get("source") != "run":
+        if not parent or last.get("model", {}).get("source", "run") != "run":
             break
         found = next(
             (c for c in (Path(last["_dir"]).parent / parent, Path(parent)) if (c / MANIFEST).is_file()),
@@ -89,7 +89,7 @@ def base_model(chain: list[dict[str, Any]]) -> str | None:
 def data_specs(manifest: dict[str, Any]) -> list[str]:
     """The data sets one run trained and evaluated on, as given in its config."""
     config = manifest.get("config", {})
-    specs = [config.get(key) for key in ("data", "eval_data", "prompts", "prompt_data")]
+    specs = [config.get(key) for key in ("data", "eval_data")]  # PPO's prompts are its `data` too
     return [s for s in dict.fromkeys(specs) if isinstance(s, str) and s]
 
 
