@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmtrain.errors import LLMTrainError, RunInterrupted
 
-STAGES = ("pretrain", "sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 
 
 def run_stage(stage: str, argv: list[str]) -> int:

@@ -44,6 +44,71 @@ def sample(
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+@torch.no_grad()
+def sample_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    row_seeds: list[int],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Sample continuations of left-padded token rows (KV cache); returns the new tokens, [B, <= max_new_tokens].
+
+    Each row's sample is a pure function of its seed in `row_seeds` (Gumbel-max with one generator per row),
+    whatever batch or process the row is generated in. The logits are divided by `temperature` and cut to
+    `top_k` / `top_p` exactly as the RL stages' log-probabilities assume.
+    """
+    from transformers import LogitsProcessorList
+
+    sampler = _RowSeededSampler(row_seeds, temperature, top_k, top_p, input_ids.device)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids,
+        pad_token_id=pad_token_id,
+        # Greedy over perturbed logits is sampling; set explicitly so that no processor from the model's own
+        # generation config (a repetition penalty, say) changes the distribution.
+        do_sample=False,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        use_cache=True,
+        logits_processor=LogitsProcessorList([sampler]),
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+class _RowSeededSampler:
+    """A logits processor that turns greedy decoding into sampling from softmax(logits / T) (top-k/top-p cut)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_k: int | None, top_p: float | None, device):
+        if temperature <= 0:
+            raise ValueError("sampling needs a temperature above 0")
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_scores.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
+        )
+        # argmax(log p + Gumbel) is a sample from p.
+        return scores - torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Tokens that end an answer: the chat end-of-turn token when the vocabulary has one, and EOS."""
     from llmtrain.tokenizer import END_OF_TURN

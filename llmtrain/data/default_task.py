@@ -188,6 +188,12 @@ def check_answer(prompt: str, response: str) -> bool:
     return last_integer(response) == expected
 
 
+def answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward function for RL (``--reward_fn llmtrain.data.default_task:answer_reward``): 1.0 for each
+    response :func:`check_answer` accepts, else 0.0."""
+    return [float(check_answer(p, r)) for p, r in zip(prompts, responses)]
+
+
 def split_problems(seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Split the task into (training pool, held-out problems).
 

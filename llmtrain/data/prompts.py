@@ -1,0 +1,94 @@
+"""Prompts for RL: rows -> the conversation the policy answers -> token ids ready for generation.
+
+A row is a plain prompt (`{"prompt": "..."}`), a prompt as a message list, a chat conversation
+(`{"messages": [...]}`, answered after its last user turn; later turns are dropped, so SFT data
+works as prompt data too) or an Alpaca record (`{"instruction", "input"}`). Other keys are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from llmtrain.data.chat import _hub_rows, _local_rows, _message_list
+from llmtrain.errors import LLMTrainError
+
+PROMPT_SHAPES = (
+    'Accepted prompt rows: {"prompt": "..."}; {"prompt": [{"role": "system"|"user", "content": "..."}, ...]} ending '
+    'with a user turn; {"messages": [...]} (the conversation up to its last user turn); or Alpaca '
+    '{"instruction": "...", "input": "..."}.'
+)
+
+
+def load_prompts(
+    spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
+) -> list[list[dict]]:
+    """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one conversation per row."""
+    rows = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, split, dataset_config, max_rows)
+    return [to_prompt(row, where) for row, where in islice(rows, max_rows)]
+
+
+def to_prompt(row: Any, where: str) -> list[dict]:
+    """One row as the message list the policy answers (it ends with a user turn); `where` names the row."""
+    if not isinstance(row, dict):
+        raise LLMTrainError(f"{where}: a row must be a JSON object, found a {type(row).__name__}. {PROMPT_SHAPES}")
+    if row.get("prompt") is not None:
+        value = row["prompt"]
+        messages = (
+            [{"role": "user", "content": value}] if isinstance(value, str) else _message_list(value, where, "prompt")
+        )
+    elif row.get("messages") is not None:
+        messages = _message_list(row["messages"], where, "messages")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise LLMTrainError(f"{where}: the conversation has no user turn, so there is nothing to answer.")
+        messages = messages[: users[-1] + 1]
+    elif isinstance(row.get("instruction"), str):
+        extra = row.get("input") or ""
+        messages = [
+            {"role": "user", "content": f"{row['instruction']}\n\n{extra}" if extra.strip() else row["instruction"]}
+        ]
+    else:
+        keys = ", ".join(map(repr, row)) or "none"
+        raise LLMTrainError(f"{where}: unrecognised prompt row (keys: {keys}). {PROMPT_SHAPES}")
+    for m in messages:
+        if not isinstance(m["content"], str):
+            raise LLMTrainError(f"{where}: the prompt must be a string, found {type(m['content']).__name__}.")
+    if messages[-1]["role"] != "user":
+        raise LLMTrainError(
+            f"{where}: the prompt ends with a '{messages[-1]['role']}' turn; it must end with the user turn the "
+            "policy answers. Drop the trailing turns or put the question last."
+        )
+    if not messages[-1]["content"].strip():
+        raise LLMTrainError(f"{where}: the prompt is empty. Fill in the question or delete the row.")
+    return messages
+
+
+def question_of(messages: list[dict]) -> str:
+    """The last user turn: what a reward function or answer checker is given as the prompt."""
+    return messages[-1]["content"]
+
+
+@dataclass
+class PromptStats:
+    rows: int = 0
+    dropped: int = 0  # longer than the prompt budget (max_length - max_new_tokens)
+
+
+def tokenize_prompts(
+    tokenizer, conversations: list[list[dict]], max_prompt_tokens: int
+) -> tuple[list[list[int]], list[list[dict]], PromptStats]:
+    """Render each conversation with the chat template plus the assistant header; drop those over the budget.
+    Returns the kept token rows, their conversations, and the counts."""
+    stats = PromptStats(rows=len(conversations))
+    ids, kept = [], []
+    for messages in conversations:
+        row = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        if len(row["input_ids"]) > max_prompt_tokens:
+            stats.dropped += 1
+            continue
+        ids.append(list(row["input_ids"]))
+        kept.append(messages)
+    return ids, kept, stats

@@ -1,0 +1,324 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+from test_cli import env_for
+from test_distributed import LAUNCH_TWO
+from transformers import AutoModelForCausalLM
+
+from llmtrain.config import PpoConfig
+from llmtrain.data.prompts import load_prompts
+from llmtrain.errors import LLMTrainError
+from llmtrain.stages import ppo
+
+TOY_REWARD = "test_ppo:short_answer_reward"
+ANSWER_REWARD = "llmtrain.data.default_task:answer_reward"
+
+
+def short_answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A toy reward the tiny SFT model can learn in a few dozen steps: the shorter the answer, the better."""
+    return [-len(r) / 10 for r in responses]
+
+
+def wrong_length_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0]
+
+
+def ppo_config(runs_dir, **overrides) -> PpoConfig:
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="sft-tiny",
+        reward_fn=TOY_REWARD,
+        batch_size=16,
+        max_steps=2,
+        lr=3e-4,
+        value_lr=1e-3,
+        max_length=64,
+        max_new_tokens=12,
+        task_eval_rows=16,
+        num_samples=1,
+        sample_every=0,
+        save_every=0,
+    )
+    values.update(overrides)
+    return PpoConfig(**values)
+
+
+def logged(run_dir) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def manifest(run_dir) -> dict:
+    return json.loads((run_dir / "llmtrain.json").read_text())
+
+
+def plain_checkpoint(run_dir, dest):
+    """A copy of a run's Hugging Face files without the manifest: any local checkpoint, not a registry run."""
+    dest.mkdir()
+    for f in run_dir.iterdir():
+        if f.is_file() and f.name != "llmtrain.json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def toy_run(sft_run):
+    return ppo.run(ppo_config(sft_run.parent, max_steps=20, sample_every=10, run_name="ppo-toy"))
+
+
+def test_ppo_raises_the_mean_reward_within_a_few_dozen_steps_while_the_kl_stays_bounded(toy_run):
+    rows = logged(toy_run)
+    rewards = [rows[s]["reward_mean"] for s in range(1, 21)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3  # toy reward: about -1.2 at the start
+    kl = [rows[s]["kl"] for s in range(1, 21)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    assert max(kl) < 15.0  # nats per response: the penalty holds the policy near its parent
+    for key in ("reward_std", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance"):
+        assert all(key in rows[s] for s in range(1, 21)), key
+    assert rows[20]["response_length"] < rows[1]["response_length"]
+    assert rows[20]["explained_variance"] > rows[1]["explained_variance"]  # the critic learns
+
+
+def test_a_ppo_run_is_registered_with_its_parent_samples_plot_and_a_loadable_policy(toy_run):
+    m = manifest(toy_run)
+    assert m["stage"] == "ppo" and m["status"] == "finished"
+    assert m["parent"] == "sft-tiny" and m["parents"] == ["sft-tiny"]  # a reward function is no run
+    assert m["model"]["critic"] == "policy" and m["model"]["reward"]["kind"] == "function"
+    metrics = m["metrics"]
+    assert {"val_reward", "parent_val_reward", "task_accuracy", "parent_task_accuracy"} <= set(metrics)
+    assert metrics["steps"] == 20 and metrics["reward_shift"] < 0  # centred on the parent's answers
+    samples = [json.loads(line) for line in (toy_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 10, 20] and {"prompt", "response", "reward"} <= set(samples[0])
+    assert (toy_run / "curves.png").stat().st_size > 1000 and not (toy_run / "checkpoints").exists()
+    model = AutoModelForCausalLM.from_pretrained(toy_run)
+    assert model.config.use_cache and model.generation_config.pad_token_id is not None
+
+
+def test_a_reward_model_run_is_read_at_the_last_real_token_and_becomes_a_parent(sft_run, reward_run):
+    cfg = ppo_config(sft_run.parent, reward_fn=None, reward_model="rm-tiny", run_name="ppo-rm")
+    m = manifest(ppo.run(cfg))
+    assert m["parents"] == ["sft-tiny", "rm-tiny"] and m["model"]["critic"] == "reward"
+    assert m["model"]["reward"] == {"kind": "model", "spec": "rm-tiny", "tokens": True}
+
+    # The score read at the last real token of [left-padded prompt | right-padded response] rows equals the
+    # reward model's usual score of the same conversation, rendered alone without any padding.
+    from llmtrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(sft_run))
+    reward = ppo.load_reward(cfg, tokenizer)
+    prompts = [
+        [{"role": "user", "content": "What is 12 + 30?"}],
+        [{"role": "user", "content": "Now, what is 45 - 17?"}],
+    ]
+    answers = ["12 + 30 = 42", "28"]
+    rollout = make_rollout(tokenizer, prompts, answers)
+    assert rollout.attention_mask[0, 0] == 0 and rollout.mask[1, -1] == 0  # padding on both sides
+    from_tokens = reward.score(rollout, micro=2)
+    from_text = reward.score_texts(prompts, answers)
+    assert from_tokens.tolist() == pytest.approx(from_text, abs=1e-4)
+    assert from_tokens[0] != from_tokens[1]
+
+
+def make_rollout(tokenizer, prompts: list[list[dict]], answers: list[str]) -> ppo.Rollout:
+    """A rollout of given answers, laid out as the stage lays out sampled ones."""
+    from llmtrain.generate import stop_token_ids
+
+    pad, end = tokenizer.pad_token_id, stop_token_ids(tokenizer)[0]
+    queries = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"] for p in prompts
+    ]
+    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    width, longest = max(map(len, queries)), max(map(len, responses))
+    query = torch.tensor([[pad] * (width - len(q)) + q for q in queries])
+    response = torch.tensor([r + [pad] * (longest - len(r)) for r in responses])
+    attention = torch.cat([query != pad, response != pad], dim=1).long()
+    return ppo.Rollout(
+        input_ids=torch.cat([query, response], dim=1),
+        attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        responses=response,
+        mask=(response != pad).float(),
+        ended=torch.ones(len(answers), dtype=torch.bool),
+        prompt_len=width,
+        conversations=prompts,
+        texts=answers,
+    )
+
+
+def test_any_checkpoint_folders_work_for_policy_and_reward_and_lora_shares_the_reference(sft_run, reward_run, tmp_path):
+    policy = plain_checkpoint(sft_run, tmp_path / "policy")
+    scorer = plain_checkpoint(reward_run, tmp_path / "scorer")
+    prompts = tmp_path / "prompts.parquet"
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": f"What is {a} + 12?"} for a in range(20, 60)]).to_parquet(str(prompts))
+    cfg = ppo_config(
+        sft_run.parent,
+        init=str(policy),
+        reward_fn=None,
+        reward_model=str(scorer),
+        data=str(prompts),
+        lora=True,
+        lora_r=4,
+        run_name="ppo-folders",
+    )
+    out = ppo.run(cfg)
+    m = manifest(out)
+    assert m["parent"] == str(policy.resolve()) and m["parents"] == [str(policy.resolve()), str(scorer.resolve())]
+    assert m["model"]["source"] == "local" and m["model"]["reference"] == "adapter-disabled base"
+    assert m["data"]["prompts"] == 38 and m["config"]["data"] == str(prompts)  # 2 held out (val_fraction)
+    assert logged(out)[1]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapter off = the untouched base
+    assert not any("lora" in k for k in load_file(out / "model.safetensors"))  # merged on save
+
+
+def test_chat_prompts_group_advantages_and_a_value_head(sft_run, tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {a} - 11?"}]}
+        for a in range(20, 44)
+    ] + [{"messages": [{"role": "user", "content": "What is 50 + 10?"}, {"role": "assistant", "content": "60"}]}] * 8
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    group = ppo.run(
+        ppo_config(sft_run.parent, data=str(data), advantage="group", num_generations=4, batch_size=4, run_name="grpo")
+    )
+    step = logged(group)[1]
+    assert "value_loss" not in step and manifest(group)["model"]["critic"] is None
+    head = ppo.run(ppo_config(sft_run.parent, data=str(data), value_model="head", run_name="ppo-head"))
+    assert manifest(head)["model"]["critic"] == "head" and "value_loss" in logged(head)[2]
+
+
+def test_load_prompts_reads_plain_and_chat_rows_up_to_the_last_user_turn(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "What is 1 + 2?", "response": "ignored"},
+        {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
+        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]},
+        {"instruction": "Add.", "input": "3 + 4"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_prompts(str(path)) == [
+        [{"role": "user", "content": "What is 1 + 2?"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+        [{"role": "user", "content": "A"}],
+        [{"role": "user", "content": "Add.\n\n3 + 4"}],
+    ]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "hello"}, r"line 2: unrecognised prompt row \(keys: 'text'\)"),
+        ({"prompt": "   "}, r"line 2: the prompt is empty"),
+        ({"messages": [{"role": "system", "content": "S"}]}, r"line 2: the conversation has no user turn"),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            "ends with a 'assistant'",
+        ),
+    ],
+)
+def test_bad_prompt_rows_are_named_by_file_and_line(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(LLMTrainError, match=message):
+        load_prompts(str(path))
+
+
+def test_bad_reward_settings_say_what_to_do(sft_run, reward_run, tmp_path):
+    runs = sft_run.parent
+    with pytest.raises(LLMTrainError, match=r"no finished reward run.*recipes/reward.py.*--reward_fn"):
+        ppo.run(ppo_config(tmp_path, init=str(sft_run), reward_fn=None, reward_model="latest"))
+    with pytest.raises(LLMTrainError, match="--reward_fn no_such_module:f: could not import"):
+        ppo.run(ppo_config(runs, reward_fn="no_such_module:f"))
+    with pytest.raises(LLMTrainError, match="is not a sequence classifier"):
+        ppo.run(ppo_config(runs, reward_fn=None, reward_model="sft-tiny"))
+    with pytest.raises(LLMTrainError, match=r"returned 1 scores for \d+ responses; it must return one float per"):
+        ppo.run(ppo_config(runs, reward_fn="test_ppo:wrong_length_reward", run_name="ppo-bad-fn"))
+    with pytest.raises(LLMTrainError, match="--num_generations to 2 or more"):
+        ppo.run(ppo_config(runs, advantage="group"))
+    with pytest.raises(LLMTrainError, match="--value_model reward initialises the critic from the reward model"):
+        ppo.run(ppo_config(runs, value_model="reward"))
+
+
+def test_ppo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
+    runs = sft_run.parent
+    reference = ppo.run(ppo_config(runs, max_steps=5, task="none", run_name="ppo-ref"))
+    original = ppo.batch_indices
+
+    def crash_at_step_4(n, global_batch, seed, j):
+        if j == 4:
+            raise RuntimeError("simulated crash")
+        return original(n, global_batch, seed, j)
+
+    monkeypatch.setattr(ppo, "batch_indices", crash_at_step_4)
+    cfg = ppo_config(runs, max_steps=5, task="none", save_every=3, run_name="ppo-crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ppo.run(cfg)
+    monkeypatch.setattr(ppo, "batch_indices", original)
+    resumed = ppo.run(cfg)
+    a, b = logged(reference), logged(resumed)
+    assert sorted(b) == [1, 2, 3, 4, 5] and manifest(resumed)["resumed_at_steps"] == [3]
+    for s in range(1, 6):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
+            assert a[s][key] == pytest.approx(b[s][key], abs=1e-5), (s, key)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sft_run, tmp_path):
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "ppo.py"),
+        *("--init", str(sft_run), "--reward_fn", ANSWER_REWARD, "--max_steps", "100000", "--batch_size", "8"),
+        *("--max_length", "64", "--max_new_tokens", "8", "--task_eval_rows", "8", "--run_name", "preempted"),
+    ]
+    proc = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Stopped by SIGTERM" in err and "Traceback" not in err
+    checkpoints = list((tmp_path / "runs" / "preempted" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    assert json.loads((tmp_path / "runs" / "preempted" / "llmtrain.json").read_text())["status"] == "interrupted"
+
+
+def test_ppo_with_two_processes_matches_one_process(sft_run, tmp_path):
+    """Rollouts sharded across 2 processes, whitening and losses over the global batch: the same curve and
+    weights as 1 process with the whole batch (one minibatch per PPO epoch, so both see the same minibatches)."""
+    args = [
+        str(REPO / "recipes" / "ppo.py"),
+        *("--init", str(sft_run), "--reward_fn", TOY_REWARD, "--max_steps", "3", "--task", "none"),
+        *("--max_length", "64", "--max_new_tokens", "8", "--task_eval_rows", "8", "--ppo_epochs", "2"),
+        *("--lr", "3e-4", "--value_lr", "1e-3"),
+    ]
+    env = env_for(tmp_path) | {"PYTHONPATH": str(REPO / "tests")}
+    for launcher, batch, name in (([sys.executable], 8, "one"), (LAUNCH_TWO, 4, "two")):
+        out = subprocess.run(
+            [*launcher, *args, "--batch_size", str(batch), "--run_name", name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert manifest(runs / "two")["world_size"] == 2
+    a, b = logged(runs / "one"), logged(runs / "two")
+    for s in (1, 2, 3):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "explained_variance"):
+            assert a[s][key] == pytest.approx(b[s][key], abs=1e-4), (s, key)
+    wa, wb = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4)
