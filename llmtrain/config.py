@@ -185,7 +185,7 @@ class SftConfig(PolicyConfig):
     """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
 
     packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
-    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
+    epochs: float = field(default=8.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
 
 
 @dataclass
@@ -193,6 +193,10 @@ class RewardConfig(FinetuneConfig):
     """A reward model (one score per sequence) trained on preference pairs with the Bradley-Terry loss."""
 
     margin: float = field(default=0.0, metadata={"help": "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)."})
+    # Measured on the default task: lr 3e-4 ranked more held-out pairs right than 1e-3 or 3e-3 at every step,
+    # and accuracy still rose between 4 and 8 epochs.
+    lr: float = 3e-4
+    epochs: float = 8.0
 
 
 @dataclass
@@ -205,7 +209,11 @@ class DpoConfig(PolicyConfig):
         default=0.1, metadata={"help": "conservative: the assumed share of pairs whose labels are flipped."}
     )
     nll_weight: float = field(
-        default=0.0, metadata={"help": "Weight of a negative log-likelihood term on the chosen answers (RPO)."}
+        default=1.0,
+        metadata={
+            "help": "Weight of a per-token negative log-likelihood term on the chosen answers (RPO); without it "
+            "DPO lowers the chosen answers' likelihood too and a small model's answers degrade."
+        },
     )
     precompute_ref: bool = field(
         default=False,

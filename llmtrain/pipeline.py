@@ -1,10 +1,11 @@
-"""The stages in order on one registry: tokenizer -> pretrain -> sft -> reward -> dpo, with one summary table.
+"""The stages in order on one registry: tokenizer -> pretrain -> sft -> reward -> dpo -> ppo, with one table.
 
 A pipeline recipe is a YAML file with one section per stage (`tokenizer:`, `pretrain:`, `sft:`,
-`reward:`, `dpo:`), each holding that stage's config keys. Runs are named `<name>-<stage>` and each
-stage starts from the runs before it (SFT from the pretrain run; the reward model and DPO from the
-SFT run, DPO judged by the reward model). A stage whose run is finished is skipped unless it, or a
-stage it depends on, is run again (`--redo`), so an interrupted pipeline continues where it stopped.
+`reward:`, `dpo:`, `ppo:`), each holding that stage's config keys. Runs are named `<name>-<stage>` and
+each stage starts from the runs before it (SFT from the pretrain run; the reward model, DPO and PPO
+from the SFT run; DPO judged by the reward model, PPO rewarded by it). A stage whose run is finished is
+skipped unless it, or a stage it depends on, is run again (`--redo`), so an interrupted pipeline
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 from llmtrain.config import STAGE_CONFIGS, PretrainConfig, config_from_dict, default_runs_dir
 from llmtrain.errors import LLMTrainError
+from llmtrain.hub import check_push_config, push_run
 from llmtrain.registry import headline, read_manifest
 
 # Each trained stage, the stages whose runs it reads, and the config keys that name those runs.
@@ -27,6 +29,7 @@ INPUTS: dict[str, dict[str, str]] = {
     "sft": {"init": "pretrain"},
     "reward": {"init": "sft"},
     "dpo": {"init": "sft", "judge": "reward"},
+    "ppo": {"init": "sft", "reward_model": "reward"},
 }
 STAGES = ("tokenizer", *INPUTS)
 
@@ -59,6 +62,8 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
         )
         for stage, inputs in INPUTS.items()
     }
+    for cfg in configs.values():
+        check_push_config(cfg)
     results: list[StageResult] = []
 
     # tokenizer: trained on the pretraining corpus, saved as a folder beside the runs
@@ -94,6 +99,8 @@ def _run_stage(stage: str, cfg: Any, redo: set[str]) -> StageResult:
     module = __import__(f"llmtrain.stages.{stage}", fromlist=["run"])
     t0 = time.perf_counter()
     module.run(cfg)
+    if cfg.push_to_hub:
+        push_run(run_dir, cfg.hub_repo_id, cfg.hub_private)
     return StageResult(stage, cfg.run_name, headline(read_manifest(run_dir)), time.perf_counter() - t0, False)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from llmtrain.config import PretrainConfig, SftConfig, parse_config
+from llmtrain.config import STAGE_CONFIGS, PretrainConfig, parse_config
 from llmtrain.errors import LLMTrainError
 
 
@@ -37,7 +37,7 @@ def test_runs_dir_comes_from_the_environment(monkeypatch):
     assert parse_config(PretrainConfig, []).runs_dir == "/somewhere/runs"
 
 
-@pytest.mark.parametrize("stage,cls", [("pretrain", PretrainConfig), ("sft", SftConfig)])
+@pytest.mark.parametrize("stage,cls", list(STAGE_CONFIGS.items()))
 def test_every_shipped_recipe_parses(stage, cls):
     from pathlib import Path
 
@@ -51,5 +51,5 @@ def test_the_cpu_recipes_equal_the_defaults():
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-    for stage, cls in (("pretrain", PretrainConfig), ("sft", SftConfig)):
+    for stage, cls in STAGE_CONFIGS.items():
         assert parse_config(cls, ["--config", str(configs / stage / "cpu-tiny.yaml")]) == cls()

@@ -26,6 +26,7 @@ def dpo_config(runs_dir, **overrides) -> DpoConfig:
         num_samples=1,
         max_new_tokens=12,
         judge="none",
+        nll_weight=0.0,  # plain DPO, so the margins below are DPO's alone
     )
     values.update(overrides)
     return DpoConfig(**values)

@@ -42,35 +42,48 @@ def test_pipeline_runs_the_stages_in_order_then_skips_what_exists(tmp_path, smal
                     "max_new_tokens": 12,
                     "max_length": 64,
                 },
+                "ppo": {
+                    "max_rows": 64,
+                    "batch_size": 8,
+                    "max_steps": 2,
+                    "task_eval_rows": 8,
+                    "num_samples": 1,
+                    "max_new_tokens": 12,
+                    "max_length": 64,
+                    "sample_every": 0,
+                },
             }
         )
     )
     runs = tmp_path / "runs"
     assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(runs), "--name", "p"]) == 0
-    table = capsys.readouterr().out.strip().splitlines()[-5:]
+    table = capsys.readouterr().out.strip().splitlines()[-6:]
     assert [line.split()[:2] for line in table] == [
         ["tokenizer", "p-tokenizer"],
         ["pretrain", "p-pretrain"],
         ["sft", "p-sft"],
         ["reward", "p-reward"],
         ["dpo", "p-dpo"],
+        ["ppo", "p-ppo"],
     ]
     assert "val_bpb=" in table[1] and "task_accuracy=" in table[2]
-    assert "reward_accuracy=" in table[3] and "task_accuracy=" in table[4]
+    assert "reward_accuracy=" in table[3] and "task_accuracy=" in table[4] and "task_accuracy=" in table[5]
     sft = json.loads((runs / "p-sft" / "llmtrain.json").read_text())
     assert sft["parent"] == "p-pretrain" and sft["status"] == "finished"
     dpo = json.loads((runs / "p-dpo" / "llmtrain.json").read_text())
     assert dpo["parent"] == "p-sft" and dpo["model"]["judge"] == "p-reward" and "win_rate" in dpo["metrics"]
     assert json.loads((runs / "p-reward" / "llmtrain.json").read_text())["parent"] == "p-sft"
+    ppo = json.loads((runs / "p-ppo" / "llmtrain.json").read_text())
+    assert "p-sft" in str(ppo["parent"]) and "p-reward" in json.dumps(ppo)
     assert json.loads((runs / "p-pretrain" / "llmtrain.json").read_text())["config"]["tokenizer"].endswith(
         "p-tokenizer"
     )
 
     before = (runs / "p-pretrain" / "model.safetensors").stat().st_mtime_ns
     assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(runs), "--name", "p", "--redo", "reward"]) == 0
-    table = capsys.readouterr().out.strip().splitlines()[-5:]
-    # The reward model is made again, and DPO with it (it judges DPO); what comes before is kept.
-    assert ["skipped" in line for line in table] == [True, True, True, False, False]
+    table = capsys.readouterr().out.strip().splitlines()[-6:]
+    # The reward model is made again, and DPO and PPO with it; what comes before is kept.
+    assert ["skipped" in line for line in table] == [True, True, True, False, False, False]
     assert (runs / "p-pretrain" / "model.safetensors").stat().st_mtime_ns == before
 
 
