@@ -97,3 +97,16 @@ def test_sft_with_two_processes_matches_one_process(tmp_path, finished_run):
         "0",
     ]
     assert_two_processes_match_one(tmp_path, args, batch=4, steps=8)
+
+
+def test_reward_model_with_two_processes_matches_one_process(tmp_path, sft_run):
+    args = [str(REPO / "recipes" / "reward.py"), "--init", str(sft_run), "--max_rows", "200", "--max_steps", "6"]
+    args += ["--log_every", "1", "--eval_every", "0", "--max_length", "64", "--lr", "3e-3"]
+    assert_two_processes_match_one(tmp_path, args, batch=4, steps=6)
+
+
+def test_dpo_with_two_processes_matches_one_process(tmp_path, sft_run):
+    args = [str(REPO / "recipes" / "dpo.py"), "--init", str(sft_run), "--max_rows", "200", "--max_steps", "6"]
+    args += ["--log_every", "1", "--eval_every", "0", "--max_length", "64", "--lr", "1e-3"]
+    args += ["--task", "none", "--judge", "none"]
+    assert_two_processes_match_one(tmp_path, args, batch=4, steps=6)
