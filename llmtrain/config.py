@@ -265,7 +265,7 @@ class PpoConfig(PolicyConfig):
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
     # PPO
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per pass over the rollouts."})
+    num_mini_batches: int = field(default=4, metadata={"help": "Optimizer steps per pass over the rollouts."})
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
@@ -283,7 +283,7 @@ class PpoConfig(PolicyConfig):
     lr: float = 3e-5
     schedule: str = "constant"
     warmup_steps: int = 0
-    epochs: float = 1.0
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the prompts (max_steps wins)."})
     eval_every: int = 0
     log_every: int = 1
     save_every: int = 50

@@ -219,7 +219,7 @@ def latest_run(runs_dir: str | Path, stage: str, finished: bool = True) -> dict[
     return runs[-1] if runs else None
 
 
-HEADLINE_METRICS = ("task_accuracy", "reward_accuracy", "val_bpb", "val_loss")
+HEADLINE_METRICS = ("task_accuracy", "reward_accuracy", "val_reward", "val_bpb", "val_loss")
 
 
 def headline(manifest: dict[str, Any]) -> str:

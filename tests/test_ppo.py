@@ -46,6 +46,7 @@ def ppo_config(runs_dir, **overrides) -> PpoConfig:
         num_samples=1,
         sample_every=0,
         save_every=0,
+        num_mini_batches=1,
     )
     values.update(overrides)
     return PpoConfig(**values)
@@ -74,7 +75,8 @@ def plain_checkpoint(run_dir, dest):
 
 @pytest.fixture(scope="module")
 def toy_run(sft_run):
-    return ppo.run(ppo_config(sft_run.parent, max_steps=20, sample_every=10, run_name="ppo-toy"))
+    cfg = ppo_config(sft_run.parent, max_steps=20, sample_every=10, num_mini_batches=2, run_name="ppo-toy")
+    return ppo.run(cfg)
 
 
 def test_ppo_raises_the_mean_reward_within_a_few_dozen_steps_while_the_kl_stays_bounded(toy_run):
@@ -301,6 +303,7 @@ def test_ppo_with_two_processes_matches_one_process(sft_run, tmp_path):
         str(REPO / "recipes" / "ppo.py"),
         *("--init", str(sft_run), "--reward_fn", TOY_REWARD, "--max_steps", "3", "--task", "none"),
         *("--max_length", "64", "--max_new_tokens", "8", "--task_eval_rows", "8", "--ppo_epochs", "2"),
+        *("--num_mini_batches", "1"),
         *("--lr", "3e-4", "--value_lr", "1e-3"),
     ]
     env = env_for(tmp_path) | {"PYTHONPATH": str(REPO / "tests")}

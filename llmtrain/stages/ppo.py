@@ -159,6 +159,7 @@ def run(cfg: PpoConfig) -> Path:
             "source": init.kind,
             "spec": init.spec,
             "lora": cfg.lora,
+            "trainable_parameters": sum(p.numel() for p in raw.parameters() if p.requires_grad),
             "reference": "adapter-disabled base" if cfg.lora else "copy",
             "critic": critic_kind,
             "advantage": cfg.advantage,
