@@ -6,9 +6,10 @@ or the policy's own base weights with the LoRA adapter switched off (`lora`, `--
 child process (so each peak is its own) on the same model, pairs and seed, and the script prints per mode:
 ms/step (what the loop logs to metrics.jsonl, averaged over the steps after the warm-up), the one-off
 reference pass before the first step (held-out pairs, plus every training pair with precompute), trainable
-parameters, and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the child's max RSS, which also
-counts the Python/torch runtime). The model to tune comes from a short pretraining run (which also trains the
-tokenizer); data, cache and runs live in a temporary folder that is removed at the end.
+parameters, and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: how much the run raised the child's
+max RSS above what the Python/torch runtime held before it started). The model to tune comes from a short
+pretraining run (which also trains the tokenizer); data, cache and runs live in a temporary folder that is
+removed at the end.
 
     python benchmarks/bench_dpo.py                               # gpt-micro, default pairs, batch 16, 2 threads
     python benchmarks/bench_dpo.py --preset gpt-mini --steps 40
@@ -105,6 +106,9 @@ def child(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
         mixed_precision="auto" if args.device == "cuda" else "no",
         **MODES[mode],
     )
+    # On a CPU the process's own runtime (Python, torch, libraries) dominates its RSS; what the run adds is
+    # its peak minus the peak before it started.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     with quiet():
         path = dpo.run(cfg)
     manifest = json.loads((path / "llmtrain.json").read_text())
@@ -117,14 +121,16 @@ def child(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     return {
         "ms_per_step": ms,
         "reference_pass_s": manifest["reference_pass_s"],
         "pairs": manifest["data"]["rows"] - manifest["data"]["dropped"],
         "trainable_parameters": manifest["model"].get("trainable_parameters"),
         "peak_memory_mib": peak,
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "process max RSS",
+        "peak_memory_kind": "torch.cuda.max_memory_allocated"
+        if args.device == "cuda"
+        else "process max RSS added by the run",
     }
 
 
