@@ -1,7 +1,8 @@
 """The stages in order on one registry: tokenizer -> pretrain -> sft -> reward -> dpo -> ppo, with one table.
 
 A pipeline recipe is a YAML file with one section per stage (`tokenizer:`, `pretrain:`, `sft:`,
-`reward:`, `dpo:`, `ppo:`), each holding that stage's config keys. Runs are named `<name>-<stage>` and
+`reward:`, `dpo:`, `ppo:`), each holding that stage's config keys (`config: FILE` in a section reads a
+stage recipe first; the section's other keys override it). Runs are named `<name>-<stage>` and
 each stage starts from the runs before it (SFT from the pretrain run; the reward model, DPO and PPO
 from the SFT run; DPO judged by the reward model, PPO rewarded by it). A stage whose run is finished is
 skipped unless it, or a stage it depends on, is run again (`--redo`), so an interrupted pipeline
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from llmtrain.config import STAGE_CONFIGS, PretrainConfig, config_from_dict, default_runs_dir
+from llmtrain.config import STAGE_CONFIGS, PretrainConfig, config_from_dict, default_runs_dir, load_yaml
 from llmtrain.errors import LLMTrainError
 from llmtrain.hub import check_push_config, push_run
 from llmtrain.registry import headline, read_manifest
@@ -53,7 +54,7 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
         stage: config_from_dict(
             STAGE_CONFIGS[stage],
             {
-                **recipe.get(stage, {}),
+                **_section(recipe, stage),
                 **{key: f"{name}-{source}" for key, source in inputs.items()},
                 "runs_dir": runs_dir,
                 "run_name": f"{name}-{stage}",
@@ -88,6 +89,14 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
         if not results[-1].skipped:
             redo = redo | {stage}
     return results
+
+
+def _section(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A stage's keys: those of the stage recipe its `config:` names (if any), then the section's own."""
+    section = dict(recipe.get(stage) or {})
+    if "config" in section:
+        return {**load_yaml(section.pop("config"), STAGE_CONFIGS[stage]), **section}
+    return section
 
 
 def _run_stage(stage: str, cfg: Any, redo: set[str]) -> StageResult:

@@ -92,3 +92,20 @@ def test_a_pipeline_section_with_an_unknown_key_is_named(tmp_path, capsys):
     recipe.write_text("sft:\n  learning_rate: 0.1\n")
     assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(tmp_path)]) == 2
     assert "Unknown config key 'learning_rate' in the pipeline's sft section" in capsys.readouterr().err
+
+
+def test_the_gpu_pipeline_recipe_reads_every_stage_recipe(monkeypatch):
+    from pathlib import Path
+
+    from llmtrain.config import STAGE_CONFIGS, config_from_dict
+    from llmtrain.pipeline import INPUTS, _section
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recipe names stage recipes relative to the repository
+    recipe = yaml.safe_load((repo / "recipes" / "configs" / "pipeline" / "gpt-small.yaml").read_text())
+    assert set(recipe) == {"tokenizer", *INPUTS}
+    for stage in INPUTS:
+        cfg = config_from_dict(STAGE_CONFIGS[stage], _section(recipe, stage), stage)
+        assert cfg != STAGE_CONFIGS[stage]()  # the GPU recipe, not the CPU defaults
+    assert "launch/reproduce.sh" in (repo / "recipes" / "configs" / "pipeline" / "gpt-small.yaml").read_text()
+    assert "recipes/configs/pipeline/gpt-small.yaml" in (repo / "launch" / "reproduce.sh").read_text()
