@@ -7,8 +7,9 @@ and the same weights with a fresh one-score head, saved as a sequence-classifica
 reward model (its scores are meaningless, but it costs what a real one costs). The prompts are the embedded
 task's. Each measurement runs `llmtrain.stages.ppo.run` for `--warmup + --steps` steps in a fresh child
 process (so that its peak memory is its own), alternating full/LoRA `--repeats` times; the medians of the
-per-step timings the loop logs to metrics.jsonl, after the warm-up, are reported. Responses run to
-`--max_new_tokens` (the untrained policy rarely stops), so every step generates the same number of tokens.
+per-step timings the loop logs to metrics.jsonl, after the warm-up, are reported. Both learning rates are 0:
+every update is computed and applied as usual, but the weights stay put, so both modes sample the same
+responses at every step and do the same work (a model that learned would change its response lengths).
 
     python benchmarks/bench_ppo.py                          # gpt-micro, 64 prompts x 32 new tokens, 1 thread
     python benchmarks/bench_ppo.py --preset gpt-mini --threads 2
@@ -116,6 +117,8 @@ def child(args: argparse.Namespace, mode: str, work: Path, name: str) -> dict[st
         init=str(work / "runs" / "policy"),
         reward_model=str(work / "reward"),
         value_model="reward",
+        lr=0.0,
+        value_lr=0.0,
         lora=mode == "lora",
         lora_r=args.lora_r,
         batch_size=args.batch_size,
@@ -239,7 +242,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("s/step: training", f"{full['time_train_s']:.3f}", f"{lora['time_train_s']:.3f}"),
         ("s/step: total", f"{full['step_s']:.3f}", f"{lora['step_s']:.3f}"),
         ("response tokens (mean)", f"{full['response_length']:.1f}", f"{lora['response_length']:.1f}"),
-        ("trainable parameters", f"{full['trainable_parameters']:,}", f"{lora['trainable_parameters']:,}"),
+        ("trainable parameters", f"{full['trainable_parameters']:,.0f}", f"{lora['trainable_parameters']:,.0f}"),
         (
             f"peak memory, MiB ({full['peak_memory_kind']})",
             f"{full['peak_memory_mib']:,.0f}",
