@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,6 +132,7 @@ def child(args: argparse.Namespace, mode: str, work: Path, name: str) -> dict[st
         sample_every=0,
         save_every=0,
     )
+    rss_before = _status_mib("VmRSS")
     with quiet():
         path = ppo.run(cfg)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
@@ -144,9 +144,19 @@ def child(args: argparse.Namespace, mode: str, work: Path, name: str) -> dict[st
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["peak_memory_kind"] = "torch.cuda.max_memory_allocated"
     else:
-        result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["peak_memory_kind"] = "process max RSS"
+        # Python, torch and the libraries dominate a CPU process's memory: count what the run adds to it.
+        result["peak_memory_mib"] = _status_mib("VmHWM") - rss_before
+        result["peak_memory_kind"] = "peak RSS added by the run"
     return result
+
+
+def _status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MiB. VmHWM belongs to the address space, so it starts
+    afresh in a new program; ru_maxrss would carry over the peak of the parent that started this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: peak memory on a CPU is measured on Linux only")
 
 
 def device_name(device: str) -> str:

@@ -283,7 +283,7 @@ class PpoConfig(PolicyConfig):
     lr: float = 3e-5
     schedule: str = "constant"
     warmup_steps: int = 0
-    epochs: float = field(default=2.0, metadata={"help": "Passes over the prompts (max_steps wins)."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts (max_steps wins)."})
     eval_every: int = 0
     log_every: int = 1
     save_every: int = 50
