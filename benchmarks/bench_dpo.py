@@ -6,8 +6,8 @@ or the policy's own base weights with the LoRA adapter switched off (`lora`, `--
 child process (so each peak is its own) on the same model, pairs and seed, and the script prints per mode:
 ms/step (what the loop logs to metrics.jsonl, averaged over the steps after the warm-up), the one-off
 reference pass before the first step (held-out pairs, plus every training pair with precompute), trainable
-parameters, and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: how much the run raised the child's
-max RSS above what the Python/torch runtime held before it started). The model to tune comes from a short
+parameters, and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the child's highest RSS, sampled every
+20 ms during the run, minus its RSS before the run). The model to tune comes from a short
 pretraining run (which also trains the tokenizer); data, cache and runs live in a temporary folder that is
 removed at the end.
 
@@ -23,10 +23,10 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -106,10 +106,10 @@ def child(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
         mixed_precision="auto" if args.device == "cuda" else "no",
         **MODES[mode],
     )
-    # On a CPU the process's own runtime (Python, torch, libraries) dominates its RSS; what the run adds is
-    # its peak minus the peak before it started.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    with quiet():
+    # On a CPU the process's own runtime (Python, torch, libraries) dominates its RSS, and its max RSS is often
+    # set while importing; what the run adds is the highest RSS sampled during the run minus the RSS before it.
+    before, sampler = rss_mib(), RssSampler()
+    with quiet(), sampler:
         path = dpo.run(cfg)
     manifest = json.loads((path / "llmtrain.json").read_text())
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +121,7 @@ def child(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        peak = sampler.peak - before
     return {
         "ms_per_step": ms,
         "reference_pass_s": manifest["reference_pass_s"],
@@ -130,8 +130,37 @@ def child(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
         "peak_memory_mib": peak,
         "peak_memory_kind": "torch.cuda.max_memory_allocated"
         if args.device == "cuda"
-        else "process max RSS added by the run",
+        else "RSS added by the run (sampled every 20 ms)",
     }
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler:
+    """Samples rss_mib() on a thread while the `with` block runs; `peak` is the highest sample."""
+
+    def __init__(self, every_s: float = 0.02):
+        self.every_s, self.peak, self._stop = every_s, 0.0, threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, rss_mib())
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
 
 
 def device_name(device: str) -> str:

@@ -212,7 +212,7 @@ def run(cfg: DpoConfig) -> Path:
                 run.log_metrics(step, metrics, accelerator)
                 progress.set_postfix(loss=f"{train_loss:.3f}", margin=f"{metrics['margin']:.2f}", refresh=False)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run.log_metrics(step, _preference_metrics(model, held_out, eval_ref, cfg, pad_id, accelerator))
+                run.log_metrics(step, _preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator))
             state = {"train_time_s": train_time, "parent": parent}
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
@@ -225,7 +225,8 @@ def run(cfg: DpoConfig) -> Path:
         restore_signal_handlers()
 
     # ---- the end: held-out preference metrics, task accuracy, win rate, save, register
-    final = _preference_metrics(model, held_out, eval_ref, cfg, pad_id, accelerator)
+    # Evaluation runs on the unwrapped model: each rank scores its own share, with no DDP hooks in between.
+    final = _preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator)
     answers = _answers(raw_model, tokenizer, eval_prompts, checker, cfg, accelerator, show=True)
     final |= {k: v for k, v in answers.items() if k != "replies"}
     if judge is not None and eval_prompts:
@@ -238,6 +239,7 @@ def run(cfg: DpoConfig) -> Path:
     run.update(status="finished", metrics=metrics)
     run.plot(PLOT_CURVES)
     run.remove_checkpoints()
+    accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()
     summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]
     if "task_accuracy" in final:
