@@ -1,6 +1,7 @@
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -307,7 +308,11 @@ def test_ppo_with_two_processes_matches_one_process(sft_run, tmp_path):
         *("--lr", "3e-4", "--value_lr", "1e-3"),
     ]
     env = env_for(tmp_path) | {"PYTHONPATH": str(REPO / "tests")}
-    for launcher, batch, name in (([sys.executable], 8, "one"), (LAUNCH_TWO, 4, "two")):
+    # A port of its own, so that another 2-process job on the machine (a second test run) cannot meet this one.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        two = [*LAUNCH_TWO, "--main_process_port", str(s.getsockname()[1])]
+    for launcher, batch, name in (([sys.executable], 8, "one"), (two, 4, "two")):
         out = subprocess.run(
             [*launcher, *args, "--batch_size", str(batch), "--run_name", name],
             env=env,

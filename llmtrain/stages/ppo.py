@@ -63,6 +63,7 @@ from llmtrain.rl import (
 )
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
+    end_run,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -125,7 +126,7 @@ def run(cfg: PpoConfig) -> Path:
         raise LLMTrainError(
             f"No prompt of {cfg.data} fits in max_length - max_new_tokens = {prompt_budget} tokens; raise --max_length."
         )
-    eval_prompts = eval_rows[: cfg.task_eval_rows]
+    eval_prompts = tokenize_prompts(tokenizer, eval_rows, prompt_budget)[1][: cfg.task_eval_rows]
     checker = resolve_checker(cfg.task, [question_of(p) for p in eval_prompts])
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompt_ids) / global_batch))
@@ -283,7 +284,7 @@ def run(cfg: PpoConfig) -> Path:
     run.update(status="finished", metrics=summary)
     run.plot(PLOT_CURVES)
     run.remove_checkpoints()
-    accelerator.end_training()
+    end_run(accelerator)
     gains = ", ".join(f"{k} {parent[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent)
     print_main(accelerator, f"\nFinished {run.name}: {gains}; {train_time:.1f} s training. Saved to {run.path}")
     return run.path
