@@ -130,3 +130,12 @@ def progress_bar(accelerator, total: int, initial: int, desc: str):
         dynamic_ncols=True,
         disable=not accelerator.is_main_process,
     )
+
+
+def end_run(accelerator) -> None:
+    """The end of a stage on every process: finish the trackers once all processes are here, and leave the
+    process group up. Accelerate's end_training() destroys it while the stage still holds the DDP-wrapped
+    model; freeing that model afterwards can hang in the gloo group's destructor (seen in 2-process runs)."""
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()

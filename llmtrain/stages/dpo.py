@@ -32,6 +32,7 @@ from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init, resolve_judge
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
+    end_run,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -239,8 +240,7 @@ def run(cfg: DpoConfig) -> Path:
     run.update(status="finished", metrics=metrics)
     run.plot(PLOT_CURVES)
     run.remove_checkpoints()
-    accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
-    accelerator.end_training()
+    end_run(accelerator)
     summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]
     if "task_accuracy" in final:
         summary.append(f"task_accuracy {parent['task_accuracy']:.4f} -> {final['task_accuracy']:.4f}")

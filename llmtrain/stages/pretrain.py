@@ -34,6 +34,7 @@ from llmtrain.registry import ModelSource, load_causal_lm, preset_config, resolv
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     cache_dir,
+    end_run,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -233,7 +234,7 @@ def run(cfg: PretrainConfig) -> Path:
     run.update(status="finished", metrics=metrics)
     run.plot(PLOT_CURVES)
     run.remove_checkpoints()
-    accelerator.end_training()
+    end_run(accelerator)
     print_main(
         accelerator,
         f"\nFinished {run.name}: val_loss {final_val['val_loss']:.4f}, "

@@ -28,6 +28,7 @@ from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
+    end_run,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -185,7 +186,7 @@ def run(cfg: RewardConfig) -> Path:
     run.update(status="finished", metrics=metrics)
     run.plot(PLOT_CURVES, {"held-out scores": scores})
     run.remove_checkpoints()
-    accelerator.end_training()
+    end_run(accelerator)
     print_main(
         accelerator,
         f"\nFinished {run.name}: reward_accuracy {final['reward_accuracy']:.4f} on "

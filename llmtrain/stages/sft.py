@@ -36,6 +36,7 @@ from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
+    end_run,
     install_signal_handlers,
     make_accelerator,
     print_main,
@@ -218,7 +219,7 @@ def run(cfg: SftConfig) -> Path:
     run.update(status="finished", metrics=metrics)
     run.plot(PLOT_CURVES)
     run.remove_checkpoints()
-    accelerator.end_training()
+    end_run(accelerator)
     gains = ", ".join(f"{k} {parent_metrics[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent_metrics)
     print_main(accelerator, f"\nFinished {run.name}: {gains}; {train_time:.1f} s training. Saved to {run.path}")
     return run.path
