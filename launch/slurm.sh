@@ -26,7 +26,8 @@ if [ "$#" -lt 1 ]; then
 fi
 
 # Rendezvous from the SLURM environment: the first node hosts it, every node knows the job's shape.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list (head would close the pipe early, and pipefail would turn that SIGPIPE into a failure)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-29500}
 export NNODES=${SLURM_NNODES:-1}

@@ -1,4 +1,5 @@
 import json
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,13 @@ LAUNCH_TWO = [
 ]
 
 
+def free_port() -> int:
+    """A port of its own, so that another 2-process job on the machine (a second test run) cannot meet this one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def logged(run_dir) -> dict[int, dict]:
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -42,7 +50,7 @@ def assert_two_processes_match_one(tmp_path, args: list[str], batch: int, steps:
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [*LAUNCH_TWO, *args, "--batch_size", str(batch), "--run_name", "two"],
+        [*LAUNCH_TWO, "--main_process_port", str(free_port()), *args, "--batch_size", str(batch), "--run_name", "two"],
         env=env,
         capture_output=True,
         text=True,

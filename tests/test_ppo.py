@@ -1,7 +1,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 from test_cli import env_for
-from test_distributed import LAUNCH_TWO
+from test_distributed import LAUNCH_TWO, free_port
 from transformers import AutoModelForCausalLM
 
 from llmtrain.config import PpoConfig
@@ -308,10 +307,7 @@ def test_ppo_with_two_processes_matches_one_process(sft_run, tmp_path):
         *("--lr", "3e-4", "--value_lr", "1e-3"),
     ]
     env = env_for(tmp_path) | {"PYTHONPATH": str(REPO / "tests")}
-    # A port of its own, so that another 2-process job on the machine (a second test run) cannot meet this one.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        two = [*LAUNCH_TWO, "--main_process_port", str(s.getsockname()[1])]
+    two = [*LAUNCH_TWO, "--main_process_port", str(free_port())]
     for launcher, batch, name in (([sys.executable], 8, "one"), (two, 4, "two")):
         out = subprocess.run(
             [*launcher, *args, "--batch_size", str(batch), "--run_name", name],
