@@ -115,15 +115,28 @@ def chat_eval_loss(model, examples, pad_id: int, batch_size: int, accelerator) -
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
+def distributed_replies(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, accelerator
+) -> list[str]:
+    """Greedy replies to `conversations`, split across processes and gathered back in their order."""
+    from accelerate.utils import gather_object
+
+    from llmtrain.generate import chat_replies
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(conversations)))[rank::world]
+    replies = chat_replies(model, tokenizer, [conversations[i] for i in mine], max_new_tokens, greedy=True)
+    indexed = list(zip(mine, replies))
+    return [reply for _, reply in sorted(gather_object(indexed) if world > 1 else indexed)]
+
+
 def distributed_task_accuracy(
     model, tokenizer, prompts: list[str], checker: Checker, max_new_tokens: int, accelerator
 ) -> tuple[float, list[tuple[str, str, bool]]]:
-    """task_accuracy with the prompts split across processes and the answers gathered."""
-    from accelerate.utils import gather_object
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    _, results = task_accuracy(model, tokenizer, prompts[rank::world], checker, max_new_tokens)
-    results = gather_object(results) if world > 1 else results
+    """task_accuracy with the prompts split across processes and the (prompt, answer, ok) triples gathered."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    replies = distributed_replies(model, tokenizer, conversations, max_new_tokens, accelerator)
+    results = [(p, r, bool(checker(p, r))) for p, r in zip(prompts, replies)]
     return sum(ok for *_, ok in results) / max(len(results), 1), results
 
 

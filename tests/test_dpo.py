@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+from test_distributed import logged
 from transformers import AutoModelForCausalLM
 
 from llmtrain.config import DpoConfig
@@ -30,14 +31,6 @@ def dpo_config(runs_dir, **overrides) -> DpoConfig:
     )
     values.update(overrides)
     return DpoConfig(**values)
-
-
-def logged(run_dir) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
 
 
 @pytest.fixture(scope="module")

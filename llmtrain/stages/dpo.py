@@ -25,8 +25,8 @@ from llmtrain.data.preferences import collate_pairs, load_preference_pairs, sequ
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError
-from llmtrain.evaluate import resolve_checker, win_rate
-from llmtrain.generate import chat_replies
+from llmtrain.evaluate import distributed_replies, resolve_checker, win_rate
+from llmtrain.lora import add_lora
 from llmtrain.losses import DPO_LOSS_TYPES, dpo_loss
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init, resolve_judge
@@ -65,8 +65,6 @@ def run(cfg: DpoConfig) -> Path:
     model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
     model.config.use_cache = False
     if cfg.lora:
-        from llmtrain.lora import add_lora
-
         model = add_lora(model, cfg, task_type="CAUSAL_LM")
 
     # ---- the pairs
@@ -320,14 +318,7 @@ def _preference_metrics(model, pairs, ref: torch.Tensor, cfg: DpoConfig, pad_id:
 
 def _answers(model, tokenizer, prompts: list[list[dict]], checker, cfg: DpoConfig, accelerator, show=False) -> dict:
     """Greedy replies to the held-out prompts (split across processes, gathered in order) and their task accuracy."""
-    from accelerate.utils import gather_object
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(prompts)))[rank::world]
-    replies = chat_replies(model, tokenizer, [prompts[i] for i in mine], cfg.max_new_tokens, greedy=True)
-    indexed = list(zip(mine, replies))
-    indexed = gather_object(indexed) if world > 1 else indexed
-    answers: dict = {"replies": [reply for _, reply in sorted(indexed)]}
+    answers: dict = {"replies": distributed_replies(model, tokenizer, prompts, cfg.max_new_tokens, accelerator)}
     if checker is not None and prompts:
         ok = [bool(checker(p[0]["content"], r)) for p, r in zip(prompts, answers["replies"])]
         answers["task_accuracy"] = sum(ok) / len(ok)
