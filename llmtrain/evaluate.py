@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.data.windows import TokenWindows
+from llmtrain.runtime import process_share
 
 
 @torch.no_grad()
@@ -24,17 +25,15 @@ def evaluate_lm(
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, tokens, text loss, bytes
-    for x, y in windows.sequential_batches(
-        # The same windows whatever the number of processes: eval_batches global batches.
-        batch_size,
-        batch_size * max_batches * accelerator.num_processes,
-        accelerator.device,
-        accelerator.process_index,
-        accelerator.num_processes,
-    ):
+    # The same windows whatever the number of processes: eval_batches global batches.
+    n = min(windows.n_windows, batch_size * max_batches * accelerator.num_processes)
+    mine, own = process_share(n, accelerator)
+    for i in range(0, len(mine), batch_size):
+        x, y = windows.windows_at(mine[i : i + batch_size], accelerator.device)
         logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        nbytes = token_bytes[y.flatten()]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        loss = loss[: max(0, own - i)].flatten()  # the padding windows of a short share count for nothing
+        nbytes = token_bytes[y[: max(0, own - i)].flatten()]
         sums += torch.stack(
             [loss.sum(), torch.tensor(loss.numel(), device=loss.device), (loss * (nbytes > 0)).sum(), nbytes.sum()]
         ).double()
@@ -101,12 +100,14 @@ def chat_eval_loss(model, examples, pad_id: int, batch_size: int, accelerator) -
 
     was_training = model.training
     model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = examples[rank::world]
+    mine, own = process_share(len(examples), accelerator)
     for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate_padded(mine[i : i + batch_size], pad_id).items()}
+        chunk = [examples[j] for j in mine[i : i + batch_size]]
+        batch = {k: v.to(accelerator.device) for k, v in collate_padded(chunk, pad_id).items()}
         labels = batch.pop("labels")
+        labels[max(0, own - i) :] = -100  # the padding examples of a short share count for nothing
         summed, count = masked_lm_loss(model(**batch, use_cache=False).logits, labels)
         sums += torch.stack([summed.double(), count.double()])
     sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
@@ -123,11 +124,10 @@ def distributed_replies(
 
     from llmtrain.generate import chat_replies
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(conversations)))[rank::world]
+    mine, own = process_share(len(conversations), accelerator)
     replies = chat_replies(model, tokenizer, [conversations[i] for i in mine], max_new_tokens, greedy=True)
-    indexed = list(zip(mine, replies))
-    return [reply for _, reply in sorted(gather_object(indexed) if world > 1 else indexed)]
+    indexed = list(zip(mine[:own], replies[:own]))
+    return [reply for _, reply in sorted(gather_object(indexed) if accelerator.num_processes > 1 else indexed)]
 
 
 def distributed_task_accuracy(

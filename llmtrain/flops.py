@@ -34,10 +34,20 @@ def peak_flops(device: torch.device) -> float | None:
     return _PEAK_BF16[max(matches, key=len)] if matches else None
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, whole even when DeepSpeed ZeRO-3 keeps only a partition of it here
+    (FSDP2's DTensors already report their global size)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameters minus the input embedding (it is a lookup, not a matmul)."""
     emb = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
     # A tied embedding still does the output matmul, so count it once.
-    return total if tied else total - emb.numel()
+    return total if tied else total - numel(emb)

@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def params_sharded(model) -> bool:
+    """True when the model's parameters are split across processes (FSDP, DeepSpeed ZeRO-3): each forward pass
+    is then collective, so every process must keep stepping until all have finished (`synced_gpus`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -33,6 +46,7 @@ def sample(
         kwargs["top_p"] = top_p
     out = model.generate(
         **batch,
+        synced_gpus=params_sharded(model),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
@@ -72,6 +86,7 @@ def sample_tokens(
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_token_ids,
         pad_token_id=pad_token_id,
+        synced_gpus=params_sharded(model),
         # Greedy over perturbed logits is sampling; set explicitly so that no processor from the model's own
         # generation config (a repetition penalty, say) changes the distribution.
         do_sample=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +52,29 @@ def check_tracker(name: str | None) -> None:
 def make_accelerator(cfg: Any):
     """An Accelerator for this stage: mixed precision resolved, trackers checked, run folder as project dir."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     check_tracker(cfg.tracker)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_group = launched_world > 1 and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto")),
         log_with=cfg.tracker,
         project_dir=cfg.runs_dir,
-        # Without a GPU, Accelerate only forms a (gloo) process group when told to use the CPU;
-        # otherwise every launched process would train alone and write the same run folder.
-        cpu=launched_world > 1 and not torch.cuda.is_available(),
+        # Without a GPU, Accelerate only forms a (gloo) process group when told to use the CPU; otherwise
+        # every launched process would train alone and write the same run folder. `cpu=True` would also drop
+        # a DeepSpeed launch to plain DDP, so DeepSpeed on CPUs gets its gloo group named instead.
+        cpu=cpu_group and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_group and deepspeed else None,
     )
     if accelerator.num_processes != launched_world:
         raise LLMTrainError(
             f"The launcher started {launched_world} processes but Accelerate formed a group of "
             f"{accelerator.num_processes}; check the launch configuration (see `accelerate env`)."
         )
+    if accelerator.state.deepspeed_plugin is not None:
+        _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
         # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU processes, which leaves cores idle (a third of
@@ -79,6 +86,39 @@ def make_accelerator(cfg: Any):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def _configure_deepspeed(ds_config: dict[str, Any], cfg: Any, world: int) -> None:
+    """The stage's config decides batch size, accumulation and clipping; the DeepSpeed engine must agree.
+    The stages prepare no DataLoader, so DeepSpeed cannot infer its micro-batch; they accumulate gradients
+    themselves, telling the engine at each micro-step whether it is the last (see `micro_step`), so the
+    engine takes one micro-batch per backward and scales nothing; it clips, so it clips by `grad_clip`."""
+    batch = getattr(cfg, "batch_size", 1)
+    ds_config["train_micro_batch_size_per_gpu"] = batch
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config["train_batch_size"] = batch * world
+    ds_config["gradient_clipping"] = float(getattr(cfg, "grad_clip", 0.0) or 0.0)
+
+
+@contextmanager
+def micro_step(accelerator, model, last: bool):
+    """One micro-step of gradient accumulation: gradients stay on this process until the last micro-step of
+    the optimizer step, which all-reduces them. Under DeepSpeed the engine steps the optimizer inside
+    `backward` at an accumulation boundary, so each micro-step tells it whether it is the last."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def process_share(n: int, accelerator) -> tuple[list[int], int]:
+    """This process's share of n items for evaluation, (indices, own): items rank, rank + world, ..., padded
+    with repeats so that every process gets the same number. With sharded parameters (FSDP, ZeRO-3) each
+    forward pass is collective, and a process with one batch fewer would leave the others waiting forever.
+    Only the first `own` indices are this process's; results for the rest are to be dropped."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, n, world))
+    per_process = -(-n // world)
+    return mine + [mine[0] if mine else 0] * (per_process - len(mine)), len(mine)
 
 
 def cache_dir(configured: str | None = None) -> Path:

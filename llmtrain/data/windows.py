@@ -7,8 +7,6 @@ by rank, so N processes with batch B see the same windows as 1 process with batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
@@ -45,12 +43,11 @@ class TokenWindows:
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size * world)
         return self._stack(starts[rank * batch_size : (rank + 1) * batch_size], device)
 
-    def sequential_batches(
-        self, batch_size: int, max_windows: int, device: torch.device, rank: int = 0, world: int = 1
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows from the start, split across ranks: the same held-out tokens every time."""
-        n_windows = (len(self.tokens) - 1) // self.seq_len
-        starts = np.arange(min(n_windows, max_windows)) * self.seq_len
-        mine = starts[rank::world]
-        for i in range(0, len(mine), batch_size):
-            yield self._stack(mine[i : i + batch_size], device)
+    @property
+    def n_windows(self) -> int:
+        """How many non-overlapping windows the tokens hold (the held-out windows are these, from the start)."""
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def windows_at(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The non-overlapping windows with these indices: the same held-out tokens every time."""
+        return self._stack(np.asarray(indices, dtype=np.int64) * self.seq_len, device)

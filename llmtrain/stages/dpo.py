@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import distributed_replies, resolve_checker, win_rate
+from llmtrain.flops import parameter_count
 from llmtrain.lora import add_lora
 from llmtrain.losses import DPO_LOSS_TYPES, dpo_loss
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
@@ -35,7 +35,9 @@ from llmtrain.runtime import (
     end_run,
     install_signal_handlers,
     make_accelerator,
+    micro_step,
     print_main,
+    process_share,
     progress_bar,
     restore_signal_handlers,
 )
@@ -123,7 +125,7 @@ def run(cfg: DpoConfig) -> Path:
             "source": init.kind,
             "spec": init.spec,
             "lora": cfg.lora,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": parameter_count(model, trainable_only=True),
             "reference": "adapter-disabled base" if cfg.lora else "precomputed" if cfg.precompute_ref else "copy",
             "judge": judge.spec if judge else None,
         },
@@ -161,8 +163,7 @@ def run(cfg: DpoConfig) -> Path:
                 idx = batch_indices(len(train), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
                 batch = {k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], pad_id).items()}
                 ref = train_ref[idx].to(device).T.flatten() if train_ref is not None else reference(batch)
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
+                with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     policy, n_tokens = _logprobs(model, batch, with_counts=True)
                     out, nll = _loss(policy, ref, n_tokens, cfg)
                     accelerator.backward((out.loss + cfg.nll_weight * nll) / cfg.grad_accum)
@@ -288,15 +289,15 @@ def score_pairs(logprobs_of, pairs, pad_id: int, batch_size: int, accelerator) -
     """[N, 2] summed answer log-probs (chosen, rejected) of every pair, split across processes and gathered."""
     from accelerate.utils import gather_object
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(pairs)))[rank::world]
+    mine, own = process_share(len(pairs), accelerator)
     rows: list[tuple[int, float, float]] = []
     for i in range(0, len(mine), batch_size):
         idx = mine[i : i + batch_size]
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[j] for j in idx], pad_id).items()}
         chosen, rejected = logprobs_of(batch).float().cpu().chunk(2)
         rows += list(zip(idx, chosen.tolist(), rejected.tolist()))
-    if world > 1:
+    rows = rows[:own]
+    if accelerator.num_processes > 1:
         rows = gather_object(rows)
     table = torch.zeros(len(pairs), 2)
     for j, c, r in rows:

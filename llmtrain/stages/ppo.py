@@ -27,7 +27,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import resolve_checker
+from llmtrain.flops import parameter_count
 from llmtrain.generate import chat_replies, sample_tokens, stop_token_ids
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import latest_run, load_causal_lm, parent_manifest, resolve_init, resolve_model
@@ -66,7 +66,9 @@ from llmtrain.runtime import (
     end_run,
     install_signal_handlers,
     make_accelerator,
+    micro_step,
     print_main,
+    process_share,
     progress_bar,
     restore_signal_handlers,
 )
@@ -160,7 +162,7 @@ def run(cfg: PpoConfig) -> Path:
             "source": init.kind,
             "spec": init.spec,
             "lora": cfg.lora,
-            "trainable_parameters": sum(p.numel() for p in raw.parameters() if p.requires_grad),
+            "trainable_parameters": parameter_count(raw, trainable_only=True),
             "reference": "adapter-disabled base" if cfg.lora else "copy",
             "critic": critic_kind,
             "advantage": cfg.advantage,
@@ -601,7 +603,7 @@ def ppo_update(
             for m in range(0, size, micro):
                 i = torch.as_tensor(mb_idx[m : m + micro], device=device)
                 last = m + micro >= size
-                with nullcontext() if last else accelerator.no_sync(actor_critic):
+                with micro_step(accelerator, actor_critic, last):
                     logits, values = actor_critic(
                         rollout.input_ids[i], rollout.attention_mask[i], rollout.position_ids[i]
                     )
@@ -700,13 +702,12 @@ def _evaluate(policy, tokenizer, prompts, checker, reward: RewardSource, cfg, ac
 
     if not prompts:
         return {}
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(prompts)))[rank::world]
+    mine, own = process_share(len(prompts), accelerator)
     replies = chat_replies(policy, tokenizer, [prompts[i] for i in mine], cfg.max_new_tokens, greedy=True)
     with accelerator.autocast():
         scores = reward.score_texts([prompts[i] for i in mine], replies)
-    rows = list(zip(mine, replies, scores))
-    rows = sorted(gather_object(rows) if world > 1 else rows)
+    rows = list(zip(mine, replies, scores))[:own]
+    rows = sorted(gather_object(rows) if accelerator.num_processes > 1 else rows)
     metrics = {"val_reward": sum(s for *_, s in rows) / len(rows)}
     if checker is not None:
         ok = [bool(checker(question_of(prompts[i]), reply)) for i, reply, _ in rows]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from llmtrain.data.corpus import (
 from llmtrain.data.windows import TokenWindows
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_lm
-from llmtrain.flops import flops_per_token, non_embedding_params, peak_flops
+from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count, peak_flops
 from llmtrain.generate import sample
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
 from llmtrain.registry import ModelSource, load_causal_lm, preset_config, resolve_model
@@ -37,6 +36,7 @@ from llmtrain.runtime import (
     end_run,
     install_signal_handlers,
     make_accelerator,
+    micro_step,
     print_main,
     progress_bar,
     restore_signal_handlers,
@@ -77,7 +77,7 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ---- model and optimizer
     model = _build_model(cfg, source, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     total_steps = cfg.max_steps
     if cfg.max_tokens:
@@ -146,8 +146,7 @@ def run(cfg: PretrainConfig) -> Path:
                 x, y = train_data.random_batch(cfg.seed, step, micro, cfg.batch_size, device, rank, world)
                 data_time += time.perf_counter() - td
                 # Gradients are all-reduced once per optimizer step, on the last micro-step.
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
+                with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     logits = model(input_ids=x).logits
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     accelerator.backward(loss / cfg.grad_accum)
@@ -194,8 +193,8 @@ def run(cfg: PretrainConfig) -> Path:
                 last_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
                 run.log_metrics(step, last_val, accelerator)
                 progress.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_bpb {last_val['val_bpb']:.4f}")
-            if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
-                _print_samples(progress.write, raw_model, tokenizer, val_data, cfg)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                _print_samples(progress.write, raw_model, tokenizer, val_data, cfg, accelerator)
             train_state = {"tokens_seen": tokens_seen, "train_time_s": train_time}
             run.checkpoint_after_step(
                 accelerator, step, total_steps, train_state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
@@ -211,8 +210,7 @@ def run(cfg: PretrainConfig) -> Path:
     final_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
     if not last_val or final_val != last_val:
         run.log_metrics(step, final_val, accelerator)
-    if accelerator.is_main_process:
-        _print_samples(print, raw_model, tokenizer, val_data, cfg)
+    _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -309,10 +307,13 @@ def _stop_reason(cfg: PretrainConfig, step: int, total_steps: int, tokens_seen: 
     return None
 
 
-def _print_samples(write, model, tokenizer, val_data: TokenWindows, cfg: PretrainConfig) -> None:
-    """Continue the first few tokens of held-out documents, so progress is visible as text."""
+def _print_samples(write, model, tokenizer, val_data: TokenWindows, cfg: PretrainConfig, accelerator) -> None:
+    """Continue the first few tokens of held-out documents, so progress is visible as text. Every process
+    samples (with sharded parameters each forward pass needs them all); the main one prints."""
     prompts = _sample_prompts(val_data, tokenizer, cfg.num_samples)
     outputs = sample(model, tokenizer, prompts, max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50)
+    if not accelerator.is_main_process:
+        return
     write("samples:")
     for prompt, out in zip(prompts, outputs):
         write(f"  {prompt!r} -> {out!r}")

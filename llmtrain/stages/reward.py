@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,9 @@ from llmtrain.runtime import (
     end_run,
     install_signal_handlers,
     make_accelerator,
+    micro_step,
     print_main,
+    process_share,
     progress_bar,
     restore_signal_handlers,
 )
@@ -118,8 +119,7 @@ def run(cfg: RewardConfig) -> Path:
                     k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], tokenizer.pad_token_id).items()
                 }
                 batch.pop("labels")
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
+                with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
                     loss = bradley_terry_loss(chosen, rejected, cfg.margin)
                     accelerator.backward(loss / cfg.grad_accum)
@@ -215,16 +215,17 @@ def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> t
 
     was_training = model.training
     model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
     chosen_all, rejected_all = [], []
-    mine = pairs[rank::world]
+    mine, own = process_share(len(pairs), accelerator)
     for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
+        chunk = [pairs[j] for j in mine[i : i + batch_size]]
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(chunk, pad_id).items()}
         batch.pop("labels")
         chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
         chosen_all += chosen.tolist()
         rejected_all += rejected.tolist()
-    if world > 1:
+    chosen_all, rejected_all = chosen_all[:own], rejected_all[:own]
+    if accelerator.num_processes > 1:
         chosen_all, rejected_all = gather_object(chosen_all), gather_object(rejected_all)
     if was_training:
         model.train()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
+from llmtrain.flops import parameter_count
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
@@ -39,6 +39,7 @@ from llmtrain.runtime import (
     end_run,
     install_signal_handlers,
     make_accelerator,
+    micro_step,
     print_main,
     progress_bar,
     restore_signal_handlers,
@@ -106,7 +107,7 @@ def run(cfg: SftConfig) -> Path:
             "source": init.kind,
             "spec": init.spec,
             "lora": cfg.lora,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": parameter_count(model, trainable_only=True),
         },
         data={
             "train": cfg.data,
@@ -158,8 +159,7 @@ def run(cfg: SftConfig) -> Path:
             for micro, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
+                with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     logits = model(**batch, use_cache=False).logits
                     summed, _ = masked_lm_loss(logits, labels)
                     # DDP averages gradients over processes, hence the factor `world`.
