@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.data.windows import TokenWindows
-from llmtrain.runtime import process_share
+from llmtrain.runtime import prepare_frozen, process_share
 
 
 @torch.no_grad()
@@ -183,9 +183,8 @@ def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: lis
     from llmtrain.tokenizer import load_tokenizer
 
     tokenizer = ensure_chat_template(load_tokenizer(judge.path))
-    model = load_reward_model(judge.path, tokenizer, judge.spec).to(accelerator.device).eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(prompts)))[rank::world]
+    model = prepare_frozen(load_reward_model(judge.path, tokenizer, judge.spec), accelerator)
+    mine, own = process_share(len(prompts), accelerator)
 
     def scores(answers: list[str]) -> list[float]:
         conversations = [prompts[i] + [{"role": "assistant", "content": answers[i]}] for i in mine]
@@ -193,7 +192,7 @@ def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: lis
 
     verdicts = [
         0.5 if replies[i] == baseline[i] else float(new > old)
-        for i, new, old in zip(mine, scores(replies), scores(baseline))
+        for i, new, old in zip(mine[:own], scores(replies), scores(baseline))
     ]
-    verdicts = gather_object(verdicts) if world > 1 else verdicts
+    verdicts = gather_object(verdicts) if accelerator.num_processes > 1 else verdicts
     return sum(verdicts) / max(len(verdicts), 1)

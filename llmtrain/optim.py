@@ -10,15 +10,26 @@ import torch
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW, fused where the build supports it; norms and biases (1-D tensors) get no weight decay."""
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """The trainable parameters of `model` in two groups: weight matrices decay, norms and biases (1-D) do not.
+    Each group keeps its peak lr as `base_lr`, which the schedule scales."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr, "base_lr": lr},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr, "base_lr": lr},
     ]
+
+
+def build_optimizer(
+    model: torch.nn.Module | list[dict],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """AdamW, fused where the build supports it, over a model's `param_groups` or over groups given (one
+    optimizer for several models with their own lr: DeepSpeed drives one optimizer per engine)."""
+    groups = param_groups(model, lr, weight_decay) if isinstance(model, torch.nn.Module) else model
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 

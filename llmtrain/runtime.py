@@ -110,6 +110,18 @@ def micro_step(accelerator, model, last: bool):
         yield
 
 
+def prepare_frozen(model, accelerator):
+    """A model that is only evaluated (a reference, a reward model), placed for this run. Under DeepSpeed
+    ZeRO-3 it was loaded partitioned and can only run inside an engine of its own (sharded like the policy);
+    other engines keep a whole copy on each process."""
+    model.requires_grad_(False)
+    if accelerator.state.deepspeed_plugin is not None:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    return model.to(accelerator.device).eval()
+
+
 def process_share(n: int, accelerator) -> tuple[list[int], int]:
     """This process's share of n items for evaluation, (indices, own): items rank, rank + world, ..., padded
     with repeats so that every process gets the same number. With sharded parameters (FSDP, ZeRO-3) each

@@ -36,6 +36,7 @@ from llmtrain.runtime import (
     install_signal_handlers,
     make_accelerator,
     micro_step,
+    prepare_frozen,
     print_main,
     process_share,
     progress_bar,
@@ -97,8 +98,7 @@ def run(cfg: DpoConfig) -> Path:
     # no second model; a frozen copy is loaded only when the loop needs one (or to re-score on resume).
     ref_model = None
     if not cfg.lora and (not cfg.precompute_ref or step > 0):
-        ref_model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa").to(device).eval()
-        ref_model.requires_grad_(False)
+        ref_model = prepare_frozen(load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa"), accelerator)
 
     def reference(batch: dict) -> torch.Tensor:
         with torch.no_grad():

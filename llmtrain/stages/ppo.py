@@ -44,7 +44,7 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import resolve_checker
 from llmtrain.flops import parameter_count
 from llmtrain.generate import chat_replies, sample_tokens, stop_token_ids
-from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
+from llmtrain.optim import SCHEDULES, build_optimizer, lr_at, param_groups
 from llmtrain.registry import latest_run, load_causal_lm, parent_manifest, resolve_init, resolve_model
 from llmtrain.rl import (
     KLController,
@@ -67,6 +67,7 @@ from llmtrain.runtime import (
     install_signal_handlers,
     make_accelerator,
     micro_step,
+    prepare_frozen,
     print_main,
     process_share,
     progress_bar,
@@ -105,7 +106,7 @@ def run(cfg: PpoConfig) -> Path:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     reference = None
     if not cfg.lora:  # with LoRA the reference is the same weights with the adapter disabled
-        reference = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa").to(device).requires_grad_(False)
+        reference = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
     critic = _load_critic(critic_kind, init, reward, tokenizer, policy)
     if cfg.lora:
         from llmtrain.lora import add_lora
@@ -117,8 +118,9 @@ def run(cfg: PpoConfig) -> Path:
     for model in (actor_critic, reference, reward.model):
         if model is not None:
             disable_dropout(model)
+    reference = prepare_frozen(reference, accelerator) if reference is not None else None
     if reward.model is not None:
-        reward.model.to(device)
+        reward.model = prepare_frozen(reward.model, accelerator)
 
     # ---- prompts
     train_rows, eval_rows = train_and_eval_rows(cfg, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
@@ -133,14 +135,13 @@ def run(cfg: PpoConfig) -> Path:
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompt_ids) / global_batch))
 
-    optimizers = [build_optimizer(actor_critic.policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)]
+    groups = param_groups(actor_critic.policy, cfg.lr, cfg.weight_decay)
     if actor_critic.critic is not None:
-        optimizers.append(
-            build_optimizer(actor_critic.critic, cfg.value_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
-        )
+        groups += param_groups(actor_critic.critic, cfg.value_lr, cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     if cfg.compile:
         actor_critic.compile()
-    actor_critic, *optimizers = accelerator.prepare(actor_critic, *optimizers)
+    actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
     raw = accelerator.unwrap_model(actor_critic)
 
     step, train_time, parent, shift, kl_coef = 0, 0.0, {}, None, cfg.kl_coef
@@ -194,9 +195,8 @@ def run(cfg: PpoConfig) -> Path:
                 break
             t0 = time.perf_counter()
             factor = lr_at(step, total_steps, 1.0, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
-            for optimizer, base_lr in zip(optimizers, (cfg.lr, cfg.value_lr)):
-                for group in optimizer.param_groups:
-                    group["lr"] = base_lr * factor
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
 
             # 1. rollouts
             idx = batch_indices(len(prompt_ids), global_batch, cfg.seed, step)[rank::world]
@@ -228,7 +228,7 @@ def run(cfg: PpoConfig) -> Path:
 
             # 4. PPO epochs over minibatches
             sums = ppo_update(
-                actor_critic, optimizers, rollout, old_logprobs, old_values, advantages, returns, cfg, step, accelerator
+                actor_critic, optimizer, rollout, old_logprobs, old_values, advantages, returns, cfg, step, accelerator
             )
             step += 1
             t_trained = time.perf_counter()
@@ -583,7 +583,7 @@ def score_rollout(raw: ActorCritic, reference, rollout: Rollout, cfg: PpoConfig)
 
 
 def ppo_update(
-    actor_critic, optimizers, rollout: Rollout, old_logprobs, old_values, advantages, returns, cfg, step, accelerator
+    actor_critic, optimizer, rollout: Rollout, old_logprobs, old_values, advantages, returns, cfg, step, accelerator
 ) -> torch.Tensor:
     """`ppo_epochs` passes of clipped updates over minibatches; returns this process's summed statistics."""
     world, device = accelerator.num_processes, accelerator.device
@@ -637,9 +637,8 @@ def ppo_update(
                 critic = accelerator.unwrap_model(actor_critic).critic
                 if critic is not None:
                     accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return sums
 
 
