@@ -36,6 +36,7 @@ class Run:
     is_main: bool
     resume_from: Path | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    engine: str = "NO"  # how the processes share the work: MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED ZeRO-3...
 
     @property
     def name(self) -> str:
@@ -63,6 +64,9 @@ class Run:
             raise LLMTrainError(error[0])
         name, resume_from = decision
         run = cls(runs_dir / name, stage, accelerator.is_main_process, Path(resume_from) if resume_from else None)
+        run.engine = accelerator.distributed_type.value
+        if accelerator.state.deepspeed_plugin is not None:
+            run.engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
         if run.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             if run.resume_from is None:
@@ -83,6 +87,7 @@ class Run:
             "created": previous.get("created", timestamp()),
             "updated": timestamp(),
             **fields,
+            "engine": self.engine,
             "config": config,
             "resumed_at_steps": previous.get("resumed_at_steps", []),
             "versions": library_versions(),

@@ -122,6 +122,38 @@ def prepare_frozen(model, accelerator):
     return model.to(accelerator.device).eval()
 
 
+def full_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights for saving (gathered from FSDP / ZeRO-3 shards; None off the main process
+    where the engine gathers to it alone), without the second name of a tied weight: DeepSpeed returns
+    copies, and a copied tied weight would be saved twice."""
+    state_dict = accelerator.get_state_dict(model)
+    if not state_dict:
+        return state_dict
+    seen, duplicates = set(), set()
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            duplicates.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state_dict.items() if k not in duplicates}
+
+
+@contextmanager
+def root_gathered(model):
+    """For calling a submodule of an FSDP2-sharded model directly (PPO generates with the policy inside its
+    actor-critic): the decoder layers are units that gather their own parameters, but the root unit's
+    (embeddings, final norm, heads) are gathered only by the root's forward, so gather them around the call."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def process_share(n: int, accelerator) -> tuple[list[int], int]:
     """This process's share of n items for evaluation, (indices, own): items rank, rank + world, ..., padded
     with repeats so that every process gets the same number. With sharded parameters (FSDP, ZeRO-3) each

@@ -38,11 +38,15 @@ def logged(run_dir) -> dict[int, dict]:
     return rows
 
 
-def assert_two_processes_match_one(tmp_path, args: list[str], batch: int, steps: int) -> None:
-    """1 process with batch 2B and 2 processes (gloo) with batch B: same losses and the same final weights."""
+def assert_two_processes_match_one(
+    tmp_path, args: list[str], batch: int, steps: int, launch: list[str] = LAUNCH_TWO, accum: int = 1
+) -> None:
+    """1 process with batch 2B and 2 processes (gloo, or another `launch`) with batch B, each batch taken in
+    `accum` micro-steps: same losses and the same final weights."""
     env = env_for(tmp_path)
     one = subprocess.run(
-        [sys.executable, *args, "--batch_size", str(2 * batch), "--run_name", "one"],
+        [sys.executable, *args, "--batch_size", str(2 * batch // accum), "--grad_accum", str(accum)]
+        + ["--run_name", "one"],
         env=env,
         capture_output=True,
         text=True,
@@ -50,7 +54,8 @@ def assert_two_processes_match_one(tmp_path, args: list[str], batch: int, steps:
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [*LAUNCH_TWO, "--main_process_port", str(free_port()), *args, "--batch_size", str(batch), "--run_name", "two"],
+        [*launch, "--main_process_port", str(free_port()), *args, "--batch_size", str(batch // accum)]
+        + ["--grad_accum", str(accum), "--run_name", "two"],
         env=env,
         capture_output=True,
         text=True,

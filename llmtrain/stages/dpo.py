@@ -33,6 +33,7 @@ from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init, res
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
+    full_state_dict,
     install_signal_handlers,
     make_accelerator,
     micro_step,
@@ -233,7 +234,7 @@ def run(cfg: DpoConfig) -> Path:
         final["win_rate"] = win_rate(judge, eval_prompts, answers["replies"], parent["replies"], accelerator)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
-    save_policy(raw_model, accelerator.get_state_dict(model), tokenizer, run, cfg, accelerator)
+    save_policy(raw_model, full_state_dict(accelerator, model), tokenizer, run, cfg, accelerator)
     metrics = {**final, "train_loss": train_loss, "steps": step, "train_time_s": round(train_time, 2)}
     metrics |= {"stop_reason": stop} | {f"parent_{k}": v for k, v in parent.items() if k != "replies"}
     run.update(status="finished", metrics=metrics)

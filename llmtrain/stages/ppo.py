@@ -64,6 +64,7 @@ from llmtrain.rl import (
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
+    full_state_dict,
     install_signal_handlers,
     make_accelerator,
     micro_step,
@@ -72,6 +73,7 @@ from llmtrain.runtime import (
     process_share,
     progress_bar,
     restore_signal_handlers,
+    root_gathered,
 )
 from llmtrain.stages.sft import save_policy
 from llmtrain.tokenizer import load_tokenizer
@@ -143,6 +145,12 @@ def run(cfg: PpoConfig) -> Path:
         actor_critic.compile()
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
     raw = accelerator.unwrap_model(actor_critic)
+    if accelerator.is_fsdp2:
+        # FSDP2 takes the first unit to run forward as its root; generation runs the policy alone first, so
+        # run the whole actor-critic once (one token) to make it the root.
+        with torch.no_grad():
+            one = torch.ones(1, 1, dtype=torch.long, device=device)
+            actor_critic(one, one, one - 1)
 
     step, train_time, parent, shift, kl_coef = 0, 0.0, {}, None, cfg.kl_coef
     if run.resume_from is not None:
@@ -152,7 +160,8 @@ def run(cfg: PpoConfig) -> Path:
         run.truncate_metrics(step)
         print_main(accelerator, f"Resuming {run.name} from step {step}.")
     else:
-        parent = _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator)
+        with root_gathered(raw):
+            parent = _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator)
     kl_ctl = KLController(kl_coef, cfg.target_kl, cfg.kl_horizon)
     run.start(
         config_to_dict(cfg),
@@ -200,7 +209,8 @@ def run(cfg: PpoConfig) -> Path:
 
             # 1. rollouts
             idx = batch_indices(len(prompt_ids), global_batch, cfg.seed, step)[rank::world]
-            rollout = generate_rollout(raw.policy, tokenizer, prompt_ids, prompts, idx, cfg, step, rank, world)
+            with root_gathered(raw):
+                rollout = generate_rollout(raw.policy, tokenizer, prompt_ids, prompts, idx, cfg, step, rank, world)
             t_generated = time.perf_counter()
 
             # 2. scoring
@@ -259,7 +269,9 @@ def run(cfg: PpoConfig) -> Path:
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
                 _show_samples(run, step, rollout, raw_scores, cfg, accelerator)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run.log_metrics(step, _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator))
+                with root_gathered(raw):
+                    val = _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator)
+                run.log_metrics(step, val)
             state = {"train_time_s": train_time, "parent_metrics": parent, "reward_shift": shift}
             state["kl_coef"] = kl_ctl.value
             run.checkpoint_after_step(
@@ -273,10 +285,11 @@ def run(cfg: PpoConfig) -> Path:
         restore_signal_handlers()
 
     # ---- the end: held-out answers, save, register
-    final = _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator, show=True)
+    with root_gathered(raw):
+        final = _evaluate(raw.policy, tokenizer, eval_prompts, checker, reward, cfg, accelerator, show=True)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(actor_critic)
+    state_dict = full_state_dict(accelerator, actor_critic)
     policy_state = {k.removeprefix("policy."): v for k, v in (state_dict or {}).items() if k.startswith("policy.")}
     save_policy(raw.policy, policy_state, tokenizer, run, cfg, accelerator)
     last = {k: metrics[k] for k in ("reward_mean", "kl", "response_length") if k in metrics}
@@ -304,6 +317,17 @@ class ActorCritic(nn.Module):
     def __init__(self, policy: nn.Module, critic: nn.Module | None, critic_kind: str):
         super().__init__()
         self.policy, self.critic, self.critic_kind = policy, critic, critic_kind
+        # The decoder-layer classes of both models: FSDP makes each such layer a sharded unit of its own.
+        self._no_split_modules = sorted(
+            {name for model in (policy, critic) for name in getattr(model, "_no_split_modules", None) or []}
+        )
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Re-tie each model's tied weights (input and output embeddings): Accelerate calls this after FSDP2
+        has moved the model between devices, which unties them."""
+        for model in (self.policy, self.critic):
+            if hasattr(model, "tie_weights"):
+                model.tie_weights(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.critic_kind == "head"
@@ -569,7 +593,7 @@ def score_rollout(raw: ActorCritic, reference, rollout: Rollout, cfg: PpoConfig)
         if v is not None:
             values.append(_response_logits(v, p))
         if reference is None:  # LoRA: the reference is the base model with the adapter disabled
-            with raw.policy.disable_adapter():
+            with raw.policy.disable_adapter(), root_gathered(raw):
                 ref_logits = raw.policy(*inputs[:2], position_ids=inputs[2], use_cache=False).logits
         else:
             ref_logits = reference(*inputs[:2], position_ids=inputs[2], use_cache=False).logits

@@ -34,6 +34,7 @@ from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     cache_dir,
     end_run,
+    full_state_dict,
     install_signal_handlers,
     make_accelerator,
     micro_step,
@@ -212,7 +213,7 @@ def run(cfg: PretrainConfig) -> Path:
         run.log_metrics(step, final_val, accelerator)
     _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -28,6 +28,7 @@ from llmtrain.registry import parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
+    full_state_dict,
     install_signal_handlers,
     make_accelerator,
     micro_step,
@@ -167,7 +168,7 @@ def run(cfg: RewardConfig) -> Path:
     final, scores = evaluate_pairs(model, held_out, tokenizer.pad_token_id, cfg.batch_size, accelerator)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         to_save = model_to_save(raw_model, cfg)
         to_save.save_pretrained(

@@ -37,6 +37,7 @@ from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
+    full_state_dict,
     install_signal_handlers,
     make_accelerator,
     micro_step,
@@ -207,7 +208,7 @@ def run(cfg: SftConfig) -> Path:
     final = _evaluate(model, raw_model, tokenizer, eval_examples, eval_prompts, checker, cfg, accelerator, show=True)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
-    save_policy(raw_model, accelerator.get_state_dict(model), tokenizer, run, cfg, accelerator)
+    save_policy(raw_model, full_state_dict(accelerator, model), tokenizer, run, cfg, accelerator)
     metrics = {
         **final,
         "train_loss": train_loss,
