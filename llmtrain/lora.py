@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 
-def add_lora(model, cfg: Any, task_type: str):
+def add_lora(model, cfg: Any, task_type: str, accelerator):
     """Wrap `model` with LoRA adapters from the stage config's lora_* fields; only the adapters (and, for
     a sequence classifier, the score head) train."""
     from peft import LoraConfig, get_peft_model
+
+    from llmtrain.errors import LLMTrainError
+    from llmtrain.runtime import shards_parameters
+
+    if shards_parameters(accelerator):
+        raise LLMTrainError(
+            "--lora is not supported with FSDP or DeepSpeed ZeRO-3: the adapter-disabled reference and the merge "
+            "at the end need the whole weights on each process. LoRA keeps the trained state small, so launch it "
+            "with launch/ddp.yaml or launch/deepspeed-zero2.yaml, or train without --lora under sharding."
+        )
 
     targets = cfg.lora_target_modules
     config = LoraConfig(

@@ -154,6 +154,14 @@ def root_gathered(model):
         model.reshard()
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether this run splits the model's parameters across processes (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
 def process_share(n: int, accelerator) -> tuple[list[int], int]:
     """This process's share of n items for evaluation, (indices, own): items rank, rank + world, ..., padded
     with repeats so that every process gets the same number. With sharded parameters (FSDP, ZeRO-3) each

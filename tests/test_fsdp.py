@@ -4,10 +4,17 @@ run gathered into one normal checkpoint. Accelerate only enables FSDP on GPUs, s
 tests/fsdp_on_cpu.py, which lifts that gate and nothing else (PyTorch's FSDP2 runs on gloo)."""
 
 import json
+from types import SimpleNamespace
 
+import pytest
+from accelerate.utils import DistributedType
 from conftest import REPO
 from test_distributed import assert_two_processes_match_one, free_port, logged
 from test_ppo import assert_ppo_two_processes_match_one
+
+from llmtrain.config import SftConfig
+from llmtrain.errors import LLMTrainError
+from llmtrain.lora import add_lora
 
 FSDP2 = [
     "accelerate",
@@ -51,3 +58,14 @@ def test_ppo_under_fsdp2_matches_one_process(tmp_path, sft_run):
     launch = [*FSDP2, "--main_process_port", str(free_port())]
     assert_ppo_two_processes_match_one(sft_run, tmp_path, launch, script=[str(ON_CPU)])
     assert json.loads((tmp_path / "runs" / "two" / "llmtrain.json").read_text())["engine"] == "FSDP"
+
+
+def test_lora_is_refused_where_parameters_are_sharded():
+    fsdp_run = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(deepspeed_plugin=None))
+    zero3 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+    )
+    for accelerator in (fsdp_run, zero3):
+        with pytest.raises(LLMTrainError, match=r"--lora is not supported with FSDP or DeepSpeed ZeRO-3.*ddp.yaml"):
+            add_lora(None, SftConfig(lora=True), "CAUSAL_LM", accelerator)

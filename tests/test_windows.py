@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from llmtrain.data.windows import TokenWindows
 from llmtrain.errors import LLMTrainError
+from llmtrain.runtime import process_share
 
 CPU = torch.device("cpu")
 
@@ -30,12 +33,24 @@ def test_two_ranks_split_the_one_rank_batch_of_twice_the_size():
     assert torch.equal(torch.cat(parts), whole)
 
 
-def test_sequential_batches_cover_distinct_windows_split_by_rank():
+def test_held_out_windows_are_the_non_overlapping_ones_from_the_start():
     windows = TokenWindows(np.arange(100, dtype=np.uint16), seq_len=10)
-    one = torch.cat([x for x, _ in windows.sequential_batches(3, 30, CPU)])
-    assert one.shape[0] == 9 and one[:, 0].tolist() == list(range(0, 90, 10))
-    two = [torch.cat([x for x, _ in windows.sequential_batches(3, 30, CPU, r, 2)]) for r in range(2)]
-    assert sorted(torch.cat(two)[:, 0].tolist()) == one[:, 0].tolist()
+    assert windows.n_windows == 9
+    x, y = windows.windows_at([0, 3, 8], CPU)
+    assert x[:, 0].tolist() == [0, 30, 80] and torch.equal(y, x + 1)
+
+
+def test_process_shares_cover_every_item_once_in_equal_counts():
+    """Sharded forwards need equal counts: the short share is padded with repeats, which `own` leaves out."""
+
+    def accelerator(rank: int, world: int):
+        return SimpleNamespace(process_index=rank, num_processes=world)
+
+    for n, world in ((9, 2), (10, 4), (1, 3), (0, 2)):
+        shares = [process_share(n, accelerator(r, world)) for r in range(world)]
+        assert len({len(mine) for mine, _ in shares}) == 1
+        assert sorted(i for mine, own in shares for i in mine[:own]) == list(range(n))
+    assert process_share(9, accelerator(1, 2)) == ([1, 3, 5, 7, 1], 4)
 
 
 def test_a_split_smaller_than_one_window_is_reported():

@@ -69,7 +69,7 @@ def run(cfg: DpoConfig) -> Path:
     model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
     model.config.use_cache = False
     if cfg.lora:
-        model = add_lora(model, cfg, task_type="CAUSAL_LM")
+        model = add_lora(model, cfg, "CAUSAL_LM", accelerator)
 
     # ---- the pairs
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")

@@ -113,9 +113,9 @@ def run(cfg: PpoConfig) -> Path:
     if cfg.lora:
         from llmtrain.lora import add_lora
 
-        policy = add_lora(policy, cfg, task_type="CAUSAL_LM")
+        policy = add_lora(policy, cfg, "CAUSAL_LM", accelerator)
         if critic_kind in ("reward", "policy"):
-            critic = add_lora(critic, cfg, task_type="SEQ_CLS")
+            critic = add_lora(critic, cfg, "SEQ_CLS", accelerator)
     actor_critic = ActorCritic(policy, critic, critic_kind)
     for model in (actor_critic, reference, reward.model):
         if model is not None:

@@ -60,7 +60,7 @@ def run(cfg: RewardConfig) -> Path:
     ensure_chat_template(tokenizer)
     model = load_reward_model(init.path, tokenizer, init.spec)
     if cfg.lora:
-        model = add_lora(model, cfg, task_type="SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
+        model = add_lora(model, cfg, "SEQ_CLS", accelerator)  # SEQ_CLS keeps the new score head trainable
 
     # ---- data
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")

@@ -70,7 +70,7 @@ def run(cfg: SftConfig) -> Path:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     model.config.use_cache = False  # training never needs the KV cache; packed rows must not use one
     if cfg.lora:
-        model = add_lora(model, cfg, task_type="CAUSAL_LM")
+        model = add_lora(model, cfg, "CAUSAL_LM", accelerator)
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
     train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
