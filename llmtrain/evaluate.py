@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.data.windows import TokenWindows
-from llmtrain.runtime import prepare_frozen, process_share
+from llmtrain.distributed import prepare_frozen, process_share
 
 
 @torch.no_grad()

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def params_sharded(model) -> bool:
-    """True when the model's parameters are split across processes (FSDP, DeepSpeed ZeRO-3): each forward pass
-    is then collective, so every process must keep stepping until all have finished (`synced_gpus`)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    from torch.distributed.fsdp import FSDPModule
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled() or any(isinstance(m, FSDPModule) for m in model.modules())
+from llmtrain.distributed import params_sharded
 
 
 @torch.no_grad()

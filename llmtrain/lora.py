@@ -10,8 +10,8 @@ def add_lora(model, cfg: Any, task_type: str, accelerator):
     a sequence classifier, the score head) train."""
     from peft import LoraConfig, get_peft_model
 
+    from llmtrain.distributed import shards_parameters
     from llmtrain.errors import LLMTrainError
-    from llmtrain.runtime import shards_parameters
 
     if shards_parameters(accelerator):
         raise LLMTrainError(

@@ -302,11 +302,11 @@ def test_ppo_with_two_processes_matches_one_process(sft_run, tmp_path):
     assert_ppo_two_processes_match_one(sft_run, tmp_path, [*LAUNCH_TWO, "--main_process_port", str(free_port())])
 
 
-def assert_ppo_two_processes_match_one(sft_run, tmp_path, launch: list[str], script: list[str] = (), extra=()):
+def assert_ppo_two_processes_match_one(sft_run, tmp_path, launch: list[str], steps=3, script=(), extra=()):
     args = [
         *script,
         str(REPO / "recipes" / "ppo.py"),
-        *("--init", str(sft_run), "--reward_fn", TOY_REWARD, "--max_steps", "3", "--task", "none"),
+        *("--init", str(sft_run), "--reward_fn", TOY_REWARD, "--max_steps", str(steps), "--task", "none"),
         *("--max_length", "64", "--max_new_tokens", "8", "--task_eval_rows", "8", "--ppo_epochs", "2"),
         *("--num_mini_batches", "1"),
         *("--lr", "3e-4", "--value_lr", "1e-3", *extra),
@@ -324,7 +324,7 @@ def assert_ppo_two_processes_match_one(sft_run, tmp_path, launch: list[str], scr
     runs = tmp_path / "runs"
     assert manifest(runs / "two")["world_size"] == 2
     a, b = logged(runs / "one"), logged(runs / "two")
-    for s in (1, 2, 3):
+    for s in range(1, steps + 1):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "explained_variance"):
             assert a[s][key] == pytest.approx(b[s][key], abs=1e-4), (s, key)
     wa, wb = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from llmtrain.data.windows import TokenWindows
+from llmtrain.distributed import process_share
 from llmtrain.errors import LLMTrainError
-from llmtrain.runtime import process_share
 
 CPU = torch.device("cpu")
 

@@ -23,6 +23,7 @@ from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, sequence_logprobs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
+from llmtrain.distributed import full_state_dict, micro_step, prepare_frozen, process_share
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import distributed_replies, resolve_checker, win_rate
 from llmtrain.flops import parameter_count
@@ -33,13 +34,9 @@ from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init, res
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
-    full_state_dict,
     install_signal_handlers,
     make_accelerator,
-    micro_step,
-    prepare_frozen,
     print_main,
-    process_share,
     progress_bar,
     restore_signal_handlers,
 )

@@ -40,6 +40,7 @@ from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.prompts import load_prompts, question_of, tokenize_prompts
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
+from llmtrain.distributed import full_state_dict, micro_step, prepare_frozen, process_share, root_gathered
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import resolve_checker
 from llmtrain.flops import parameter_count
@@ -64,16 +65,11 @@ from llmtrain.rl import (
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
-    full_state_dict,
     install_signal_handlers,
     make_accelerator,
-    micro_step,
-    prepare_frozen,
     print_main,
-    process_share,
     progress_bar,
     restore_signal_handlers,
-    root_gathered,
 )
 from llmtrain.stages.sft import save_policy
 from llmtrain.tokenizer import load_tokenizer

@@ -24,6 +24,7 @@ from llmtrain.data.corpus import (
     resolve_corpus,
 )
 from llmtrain.data.windows import TokenWindows
+from llmtrain.distributed import full_state_dict, micro_step
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_lm
 from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count, peak_flops
@@ -34,10 +35,8 @@ from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     cache_dir,
     end_run,
-    full_state_dict,
     install_signal_handlers,
     make_accelerator,
-    micro_step,
     print_main,
     progress_bar,
     restore_signal_handlers,

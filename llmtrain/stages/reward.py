@@ -20,6 +20,7 @@ from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
+from llmtrain.distributed import full_state_dict, micro_step, process_share
 from llmtrain.errors import LLMTrainError
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.losses import bradley_terry_loss
@@ -28,12 +29,9 @@ from llmtrain.registry import parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
-    full_state_dict,
     install_signal_handlers,
     make_accelerator,
-    micro_step,
     print_main,
-    process_share,
     progress_bar,
     restore_signal_handlers,
 )

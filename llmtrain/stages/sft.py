@@ -27,6 +27,7 @@ from llmtrain.data.chat import (
 )
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
+from llmtrain.distributed import full_state_dict, micro_step
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.flops import parameter_count
@@ -37,10 +38,8 @@ from llmtrain.registry import load_causal_lm, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
-    full_state_dict,
     install_signal_handlers,
     make_accelerator,
-    micro_step,
     print_main,
     progress_bar,
     restore_signal_handlers,
