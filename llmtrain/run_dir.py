@@ -185,6 +185,8 @@ class Run:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        # Under FSDP and DeepSpeed every process writes its own shard: rename only once all are written.
+        accelerator.wait_for_everyone()
         if self.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
             shutil.rmtree(final, ignore_errors=True)

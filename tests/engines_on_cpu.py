@@ -1,7 +1,7 @@
 """Run a recipe under the FSDP2 or DeepSpeed launch configs on CPU processes (gloo), for the tests:
 `accelerate launch --config_file launch/fsdp2.yaml ... tests/engines_on_cpu.py recipes/sft.py --flags`.
 Optionally `--stop_at_step N` first: the run then behaves as if SIGTERM reached every process during step N
-(checkpoint, status interrupted, exit), at a step known in advance.
+(checkpoint, status interrupted, exit), at a step known in advance, with the other processes slow to save.
 
 Two things differ from a GPU node, and only these are changed here:
 - Accelerate turns an FSDP launch into FSDP only on GPUs (and other accelerators); on CPU processes it falls
@@ -15,6 +15,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -41,6 +42,18 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
 
 
 def stop_at(stop_step: int) -> None:
+    """SIGTERM during `stop_step`; and the processes other than the main one write their share of checkpoints
+    late, as a slow process would, so that a checkpoint renamed before every shard is written shows."""
+    import accelerate.accelerator
+
+    save_accelerator_state = accelerate.accelerator.save_accelerator_state
+
+    def late(*args, **kwargs):  # called by save_state after its collective part
+        if not PartialState().is_main_process:
+            time.sleep(2)
+        return save_accelerator_state(*args, **kwargs)
+
+    accelerate.accelerator.save_accelerator_state = late
     checkpoint_after_step = Run.checkpoint_after_step
 
     def stopping(self, accelerator, step, total_steps, state, cfg, signum):

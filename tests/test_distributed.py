@@ -143,9 +143,21 @@ def sft_one(tmp_path_factory, sft_args) -> Path:
     return one_process(tmp_path_factory.mktemp("sft-one"), sft_args, 4)
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_sft_under_sharded_engines_matches_one_process(tmp_path, sft_args, sft_one, engine):
-    assert_same_run(sft_one, two_processes(tmp_path, engine, sft_args, 2), 8)
+def test_sft_under_zero3_matches_one_process(tmp_path, sft_args, sft_one):
+    assert_same_run(sft_one, two_processes(tmp_path, "zero3", sft_args, 2), 8)
+
+
+def test_sft_under_fsdp2_through_a_sharded_checkpoint_matches_one_process(tmp_path, sft_args, sft_one):
+    """Stopped after step 4 (every process writes its shard of the checkpoint) and resumed on 2 processes."""
+    stopped = [*launch_two("fsdp2", stop_at_step=4), *sft_args, "--batch_size", "2", "--run_name", "two"]
+    run(stopped, tmp_path, returncode=1)  # the launcher's exit code when its processes stop on SIGTERM
+    checkpoint = tmp_path / "runs" / "two" / "checkpoints" / "step-0000004"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # a shard from each process, then the rename
+        assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    two = two_processes(tmp_path, "fsdp2", sft_args, 2)  # same name: resume
+    assert manifest(two)["resumed_at_steps"] == [4]
+    assert_same_run(sft_one, two, 8)
 
 
 def test_sft_stopped_on_two_processes_resumes_on_one_on_the_same_curve(tmp_path, sft_args, sft_one):
