@@ -19,10 +19,8 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import device_name, quiet
 
 MODES = {"copy": {}, "precompute": {"precompute_ref": True}, "lora": {"lora": True}}
 
@@ -51,14 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", nargs=2, metavar=("MODE", "TMP"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def quiet() -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    devnull = stack.enter_context(open(os.devnull, "w"))
-    stack.enter_context(contextlib.redirect_stdout(devnull))
-    stack.enter_context(contextlib.redirect_stderr(devnull))
-    return stack
 
 
 def make_model(args: argparse.Namespace, tmp: Path) -> Path:
@@ -161,16 +152,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_mib())
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,6 @@ responses at every step and do the same work (a model that learned would change 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import device_name, quiet
 
 MODES = ("full", "lora")
 TIMINGS = ("time_generate_s", "time_score_s", "time_train_s", "rollout_tokens_per_s", "response_length")
@@ -55,12 +55,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", nargs=2, metavar=("MODE", "WORKDIR"), help=argparse.SUPPRESS)
     return p.parse_args()
-
-
-@contextlib.contextmanager
-def quiet():
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield
 
 
 def make_models(args: argparse.Namespace, work: Path) -> None:
@@ -157,16 +151,6 @@ def _status_mib(field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} in /proc/self/status: peak memory on a CPU is measured on Linux only")
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from common import device_name, quiet
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from llmtrain.config import PretrainConfig
@@ -85,16 +86,6 @@ def make_config(args: argparse.Namespace, tmp: Path, model: str, max_steps: int)
         mixed_precision="auto" if args.device == "cuda" else "no",
         **QUIET_RUN,
     )
-
-
-def quiet(verbose: bool) -> contextlib.AbstractContextManager:
-    if verbose:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    devnull = stack.enter_context(open(os.devnull, "w"))
-    stack.enter_context(contextlib.redirect_stdout(devnull))
-    stack.enter_context(contextlib.redirect_stderr(devnull))
-    return stack
 
 
 def nanogpt_checkpoint(tokenizer_dir: Path, out: Path, seq_len: int, seed: int) -> Path:
@@ -164,16 +155,6 @@ def bare_loop(
     sync()
     tokens_per_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t0)
     return {"tokens_per_s": tokens_per_s, "data_wait_frac": 0.0, "peak_mib": peak_memory_mib(device)}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ data, cache and runs live in a temporary folder that is removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from common import device_name, quiet
 
 from llmtrain.config import PretrainConfig, SftConfig
 from llmtrain.data.chat import Example, Packed, ensure_chat_template, load_chat_rows, pack_examples, tokenize_dataset
@@ -64,16 +64,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--verbose", action="store_true", help="show the library's own output")
     return p.parse_args()
-
-
-def quiet(verbose: bool) -> contextlib.AbstractContextManager:
-    if verbose:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    devnull = stack.enter_context(open(os.devnull, "w"))
-    stack.enter_context(contextlib.redirect_stdout(devnull))
-    stack.enter_context(contextlib.redirect_stderr(devnull))
-    return stack
 
 
 # ---------------------------------------------------------------- the data set
@@ -189,16 +179,6 @@ def batch_stats(schedule: list, warmup: int) -> dict[str, float]:
     real = sum(len(item.input_ids) for batch in timed for item in batch)
     width = sum(len(batch) * max(len(item.input_ids) for item in batch) for batch in timed)
     return {"real_tokens_per_step": real / len(timed), "padding_share": 1 - real / width}
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def main() -> None:
