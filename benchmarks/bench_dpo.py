@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import device_name, quiet
+from common import device_name, quiet, write_report
 
 MODES = {"copy": {}, "precompute": {"precompute_ref": True}, "lora": {"lora": True}}
 
@@ -192,8 +192,6 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
         f"peak memory is the {results['copy']['peak_memory_kind']} of each mode's own process",
     ]
     print("\n".join(lines))
-    out = args.out or Path(__file__).parent / "results" / f"bench_dpo-{args.preset}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": device_name(args.device),
@@ -202,8 +200,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
         "args": {k: str(v) for k, v in vars(args).items() if k != "child"},
         "results": results,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(record, args.out, f"bench_dpo-{args.preset}-{args.device}")
 
 
 if __name__ == "__main__":

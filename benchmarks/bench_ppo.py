@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import device_name, quiet
+from common import device_name, quiet, write_report
 
 MODES = ("full", "lora")
 TIMINGS = ("time_generate_s", "time_score_s", "time_train_s", "rollout_tokens_per_s", "response_length")
@@ -208,10 +208,7 @@ def main() -> None:
         report[mode]["peak_memory_kind"] = runs[mode][0]["peak_memory_kind"]
         report[mode]["repeats"] = runs[mode]
     print_table(report)
-    out = args.out or Path(__file__).parent / "results" / f"bench_ppo-{args.preset}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_ppo-{args.preset}-{args.device}")
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from common import device_name, quiet
+from common import device_name, quiet, write_report
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from llmtrain.config import PretrainConfig
@@ -229,10 +229,7 @@ def main() -> None:
         report[side] = {**median, "repeats": results}
     report["ratio_loop_over_bare"] = report["library_loop"]["tokens_per_s"] / report["bare_loop"]["tokens_per_s"]
     print_table(report)
-    out = args.out or Path(__file__).parent / "results" / f"bench_pretrain-{args.name}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_pretrain-{args.name}-{args.device}")
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from common import device_name, quiet
+from common import device_name, quiet, write_report
 
 from llmtrain.config import PretrainConfig, SftConfig
 from llmtrain.data.chat import Example, Packed, ensure_chat_template, load_chat_rows, pack_examples, tokenize_dataset
@@ -274,10 +274,7 @@ def main() -> None:
         }
     report["ratio_packed_over_padded"] = report["packed"]["tokens_per_s"] / report["padded"]["tokens_per_s"]
     print_table(report)
-    out = args.out or Path(__file__).parent / "results" / f"bench_sft-{args.preset}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_sft-{args.preset}-{args.device}")
 
 
 def print_table(r: dict[str, Any]) -> None:

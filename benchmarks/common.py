@@ -30,3 +30,14 @@ def quiet(verbose: bool = False) -> contextlib.AbstractContextManager:
     stack.enter_context(contextlib.redirect_stdout(devnull))
     stack.enter_context(contextlib.redirect_stderr(devnull))
     return stack
+
+
+def write_report(report: dict, out: Path | None, default_name: str) -> Path:
+    """The report as JSON at `out`, or at benchmarks/results/<default_name>.json."""
+    import json
+
+    out = out or Path(__file__).parent / "results" / f"{default_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
