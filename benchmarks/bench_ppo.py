@@ -62,7 +62,6 @@ def make_models(args: argparse.Namespace, work: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from llmtrain.config import PretrainConfig
-    from llmtrain.data.chat import ensure_chat_template
     from llmtrain.stages import pretrain
     from llmtrain.tokenizer import load_tokenizer, save_tokenizer
 
@@ -85,7 +84,7 @@ def make_models(args: argparse.Namespace, work: Path) -> None:
                 save_every=0,
             )
         )
-        tokenizer = ensure_chat_template(load_tokenizer(policy))
+        tokenizer = load_tokenizer(policy)
         scorer = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     scorer.config.pad_token_id = tokenizer.pad_token_id
     scorer.save_pretrained(work / "reward", safe_serialization=True)

@@ -34,7 +34,7 @@ import transformers
 from common import device_name, quiet, write_report
 
 from llmtrain.config import PretrainConfig, SftConfig
-from llmtrain.data.chat import Example, Packed, ensure_chat_template, load_chat_rows, pack_examples, tokenize_dataset
+from llmtrain.data.chat import Example, Packed, load_chat_rows, pack_examples, tokenize_dataset
 from llmtrain.data.schedule import batch_indices
 from llmtrain.registry import PRESETS
 from llmtrain.stages import pretrain, sft
@@ -217,7 +217,7 @@ def main() -> None:
                     save_every=0,
                 )
             )
-        tokenizer = ensure_chat_template(load_tokenizer(parent))
+        tokenizer = load_tokenizer(parent)
         write_rows(tmp / "train.jsonl", tokenizer, args.rows, args.long_share, args.max_length, args.seed)
         write_rows(tmp / "eval.jsonl", tokenizer, EVAL_ROWS, args.long_share, args.max_length, args.seed + 1)
         rows = load_chat_rows(str(tmp / "train.jsonl"))

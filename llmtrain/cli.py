@@ -112,11 +112,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llmtrain.data.chat import ensure_chat_template
     from llmtrain.generate import chat_replies, load_for_generation
 
     model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir))
-    ensure_chat_template(tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {args.run}. An empty line or Ctrl-D ends the chat.", flush=True)
     while True:
@@ -135,7 +133,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from llmtrain.data.chat import ensure_chat_template
     from llmtrain.registry import resolve_model
     from llmtrain.stages.reward import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
@@ -143,7 +140,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     source = resolve_model(args.run, _runs_dir(args.runs_dir))
     if source.kind == "preset":
         raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a reward model run.")
-    tokenizer = ensure_chat_template(load_tokenizer(source.path))
+    tokenizer = load_tokenizer(source.path)
     model = load_reward_model(source.path, tokenizer, args.run).eval()
     messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
     print(f"{score_conversations(model, tokenizer, [messages])[0]:.4f}")

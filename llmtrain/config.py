@@ -87,6 +87,9 @@ class PretrainConfig(RunConfig):
     )
     seq_len: int = 128
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}
+    )
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU), no, bf16, fp16."})
     # optimisation
     batch_size: int = field(default=16, metadata={"help": "Sequences per process per micro-step."})
@@ -146,6 +149,13 @@ class FinetuneConfig(RunConfig):
     merge_lora: bool = field(default=True, metadata={"help": "Save the merged model (false: the adapter)."})
     compile: bool = False
     mixed_precision: str = "auto"
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={"help": "auto (the model's own, else llmtrain's), llmtrain (the project's), or a .jinja file."},
+    )
     # optimisation
     batch_size: int = field(default=32, metadata={"help": "Examples (or pairs) per process per micro-step."})
     grad_accum: int = 1

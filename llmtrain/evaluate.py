@@ -153,13 +153,12 @@ def evaluate_chat_model(
     """Evaluate any run or checkpoint on held-out chat data: assistant-token loss and task accuracy."""
     from accelerate import Accelerator
 
-    from llmtrain.data.chat import ensure_chat_template, load_chat_rows, tokenize_dataset
+    from llmtrain.data.chat import load_chat_rows, tokenize_dataset
     from llmtrain.data.corpus import default_data_dir
     from llmtrain.generate import load_for_generation
     from llmtrain.runtime import cache_dir
 
     model, tokenizer = load_for_generation(spec, runs_dir)
-    ensure_chat_template(tokenizer)
     if data == "default":
         data = str(default_data_dir(cache_dir()) / "sft_val.jsonl")
     rows = load_chat_rows(data, max_rows=max_rows)
@@ -178,11 +177,10 @@ def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: lis
     replies count as a tie (one half). The prompts are split across processes and the verdicts gathered."""
     from accelerate.utils import gather_object
 
-    from llmtrain.data.chat import ensure_chat_template
     from llmtrain.stages.reward import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
 
-    tokenizer = ensure_chat_template(load_tokenizer(judge.path))
+    tokenizer = load_tokenizer(judge.path)
     model = prepare_frozen(load_reward_model(judge.path, tokenizer, judge.spec), accelerator)
     mine, own = process_share(len(prompts), accelerator)
 

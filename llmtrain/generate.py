@@ -113,28 +113,35 @@ class _RowSeededSampler:
         return scores - torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Tokens that end an answer: the chat end-of-turn token when the vocabulary has one, and EOS."""
-    from llmtrain.tokenizer import END_OF_TURN
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Tokens that end an answer: the model's own generation-config EOS ids, the tokenizer's EOS, and the chat
+    template's end-of-turn token (in that order, each once)."""
+    from llmtrain.data.template import chat_format
 
-    ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN)] if END_OF_TURN in tokenizer.get_vocab() else []
-    return ids + [tokenizer.eos_token_id]
+    ids = _as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids += _as_list(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        ids.append(chat_format(tokenizer).end_of_turn_id)
+    return list(dict.fromkeys(ids))
+
+
+def _as_list(ids) -> list[int]:
+    return [] if ids is None else [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
 def chat_replies(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 64, **sampling
 ) -> list[str]:
     """The assistant's next reply to each conversation, rendered with the chat template; stops at end of turn."""
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    from llmtrain.data.template import chat_format
+
+    fmt = chat_format(tokenizer)
+    prompts = [fmt.render(fmt.fit(c), add_generation_prompt=True) for c in conversations]
+    stops = stop_token_ids(tokenizer, model)
     replies: list[str] = []
     for i in range(0, len(prompts), batch_size):
         replies += sample(
-            model,
-            tokenizer,
-            prompts[i : i + batch_size],
-            max_new_tokens,
-            stop_token_ids=stop_token_ids(tokenizer),
-            **sampling,
+            model, tokenizer, prompts[i : i + batch_size], max_new_tokens, stop_token_ids=stops, **sampling
         )
     return [r.strip() for r in replies]
 

@@ -35,6 +35,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def project_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The project's chat template; on a vocabulary without `<|end|>` each turn ends with the tokenizer's EOS
+    token instead, so that the end of a turn is always one token the model can learn to produce."""
+    if END_OF_TURN in tokenizer.get_vocab():
+        return CHAT_TEMPLATE
+    return CHAT_TEMPLATE.replace("'<|end|>'", "eos_token")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (digits split) on `texts` and wrap it with special tokens and chat template."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -81,8 +89,9 @@ def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 2048) -> PreTrainedTo
     )
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a folder or a Hub id; give it a pad token and a chat template if it lacks them."""
+def load_tokenizer(name_or_path: str | Path, chat_template: str = "auto") -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a folder or a Hub id with a pad token and the chat template `chat_template` names:
+    auto (its own, else the project's), llmtrain (the project's), or a Jinja file."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
@@ -94,9 +103,29 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         # A dedicated pad token is safest, but adding one would resize the model; reuse EOS only
         # for batching, where the attention mask hides it.
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = choose_chat_template(tokenizer, chat_template)
     return tokenizer
+
+
+def choose_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> str:
+    """The template text for `choice`: auto (the tokenizer's own, else the project's), llmtrain, or a .jinja file."""
+    if choice == "auto":
+        own = tokenizer.chat_template
+        if isinstance(own, dict):  # several named templates: the default one is the chat template
+            own = own.get("default")
+        return own or project_chat_template(tokenizer)
+    if choice == "llmtrain":
+        return project_chat_template(tokenizer)
+    path = Path(choice)
+    if not path.is_file():
+        raise LLMTrainError(
+            f"chat_template: '{choice}' is not a file. Give auto (the model's own template), llmtrain (the "
+            "project's), or the path of a Jinja template file."
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LLMTrainError(f"chat_template: {path} is not UTF-8 text; a chat template is a Jinja text file.") from None
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -238,12 +238,13 @@ def test_long_pairs_are_truncated_while_both_sides_keep_an_answer_token_and_drop
     assert "1 truncated" in stats.summary(cut) and "1 dropped" in stats.summary(cut)
 
 
-def test_a_template_whose_generation_prompt_is_not_a_prefix_fails_with_the_fix(tok):
+def test_pairs_whose_answer_cannot_be_located_are_an_error_naming_the_template_problem(tok):
     odd = copy.deepcopy(tok)
-    odd.chat_template = CHAT_TEMPLATE.replace("{{ '<|assistant|>\n' }}{%- endif", "{{ '<|assistant|>A:' }}{%- endif")
-    assert odd.chat_template != CHAT_TEMPLATE
-    with pytest.raises(LLMTrainError, match="add_generation_prompt=True differently.*CHAT_TEMPLATE"):
-        tokenize_pairs(odd, [MULTI_TURN], max_length=256)
+    odd.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    odd.chat_template = odd.chat_template.replace("{{ '<|assistant|>\n' }}{%- endif", "{{ '<|assistant|>A:' }}{%- endif")
+    assert "A:" in odd.chat_template
+    with pytest.raises(LLMTrainError, match="prefs.jsonl: the chat template's assistant spans could not be verified"):
+        tokenize_pairs(odd, [MULTI_TURN], max_length=256, source="prefs.jsonl")
 
 
 # ---------------------------------------------------------------- batches and scores

@@ -2,7 +2,7 @@
 
 A row is a prompt/response pair, a `messages` conversation or an Alpaca record; every shape becomes
 one message list. The loss is on assistant tokens only (each assistant turn with its end-of-turn
-token), found through the `{% generation %}` markers of the chat template. Examples are batched
+token), located in any chat template's rendering and verified by `llmtrain.data.template`. Examples are batched
 either padded to the batch's longest example or packed several to a row with restarting
 `position_ids`, which `transformers` turns into a block-diagonal causal mask when the model gets
 no attention mask and no cache (`use_cache=False`).
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
-from llmtrain.tokenizer import CHAT_TEMPLATE
 
-IGNORE_INDEX = -100
+# A data set may lose this share of its conversations to spans that cannot be verified; more is an error.
+MAX_UNVERIFIED_SHARE = 0.02
 ROLES = ("system", "user", "assistant")
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 ACCEPTED_SHAPES = (
@@ -197,6 +198,8 @@ def _message_list(value: Any, where: str, key: str) -> list[dict]:
                 f"{where}: message {i} of '{key}' must be an object with 'role' and 'content'. {ACCEPTED_SHAPES}"
             )
         role, content = message["role"], message["content"]
+        if role in ("tool", "ipython", "function") or message.get("tool_calls"):
+            raise LLMTrainError(tool_turn_error(where, i, key))
         if role not in ROLES:
             raise LLMTrainError(
                 f"{where}: message {i} of '{key}' has unknown role {role!r}; roles must be one of "
@@ -211,6 +214,16 @@ def _message_list(value: Any, where: str, key: str) -> list[dict]:
             _nonempty_answer(content, where, f"message {i} of '{key}'")
         messages.append({"role": role, "content": content})
     return messages
+
+
+def tool_turn_error(where: str, i: int, key: str) -> str:
+    """The message for a tool-call or tool-result turn, which training does not support."""
+    return (
+        f"{where}: message {i} of '{key}' is a tool-call or tool-result turn. Training on tool use is not supported: "
+        "a tool call's arguments and a tool's result are rendered by each template in its own way, and no verified "
+        "loss mask exists for them here. Drop the tool turns (or the row), or write the call and its result as plain "
+        "assistant and user text."
+    )
 
 
 def _nonempty_answer(text: Any, where: str, what: str) -> str:
@@ -237,70 +250,82 @@ class Example:
 
 @dataclass
 class TokenizeStats:
-    """What tokenizing did under the length rule; `tokens`/`trained_tokens` count the kept examples."""
+    """What tokenizing did: the length rule, and conversations whose assistant spans could not be verified.
+    `tokens`/`trained_tokens` count the kept examples."""
 
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    unverified: int = 0
+    unverified_reason: str = ""  # the first row's, as an example
     tokens: int = 0
     trained_tokens: int = 0
 
     def summary(self, max_length: int) -> str:
-        """A one-line account of the length rule, for the run log."""
-        return (
-            f"{self.rows} conversations -> {self.rows - self.dropped} examples, {self.tokens} tokens "
+        """A one-line account of what was kept, for the run log."""
+        line = (
+            f"{self.rows} conversations -> {self.rows - self.dropped - self.unverified} examples, {self.tokens} tokens "
             f"({self.trained_tokens} trained); max_length={max_length}: {self.truncated} truncated on the right, "
             f"{self.dropped} dropped (no assistant token left after truncation)"
         )
-
-
-def ensure_chat_template(tokenizer) -> Any:
-    """Give `tokenizer` the project's chat template if it has none; returns the tokenizer."""
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+        if self.unverified:
+            line += f"; {self.unverified} dropped as unverifiable ({self.unverified_reason})"
+        return line
 
 
 def tokenize_chat(
-    tokenizer, messages: list[dict], max_length: int, stats: TokenizeStats | None = None
+    tokenizer, messages: list[dict], max_length: int, stats: TokenizeStats | None = None, train_from: int = 0
 ) -> Example | None:
-    """Render and tokenize one conversation with loss on assistant tokens; None if truncation leaves none trained."""
-    if tokenizer.chat_template is None:
-        raise LLMTrainError("The tokenizer has no chat template. Call ensure_chat_template(tokenizer) first.")
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    input_ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    if not any(mask):
-        if any(m["role"] == "assistant" for m in messages):
-            raise LLMTrainError(
-                "The chat template marks no assistant tokens, so the loss mask is empty: the template does not wrap "
-                "assistant turns in {% generation %} ... {% endgeneration %}. Use the project's template "
-                "(llmtrain.tokenizer.CHAT_TEMPLATE, e.g. set tokenizer.chat_template = CHAT_TEMPLATE) or add those "
-                "markers around the assistant content and its end-of-turn token."
-            )
-        raise LLMTrainError("A conversation without an assistant turn has nothing to train on; see to_messages.")
-    labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask)]
-    # Nothing precedes the first token, so it is never a target; this also keeps packed examples apart.
-    labels[0] = IGNORE_INDEX
+    """Render and tokenize one conversation with loss on its assistant turns (from index `train_from` on, each
+    with its end-of-turn token); None if the spans cannot be verified or truncation leaves none trained."""
+    stats = stats if stats is not None else TokenizeStats()
+    stats.rows += 1
+    try:
+        encoded = chat_format(tokenizer).encode(messages, train_from)
+    except Unverifiable as e:
+        stats.unverified += 1
+        stats.unverified_reason = stats.unverified_reason or str(e)
+        return None
+    input_ids, labels = encoded.input_ids, encoded.labels
     truncated = len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     trained = sum(label != IGNORE_INDEX for label in labels)
-    if stats is not None:
-        stats.rows += 1
-        if trained == 0:
-            stats.dropped += 1
-        else:
-            stats.truncated += truncated
-            stats.tokens += len(input_ids)
-            stats.trained_tokens += trained
-    return Example(input_ids, labels) if trained else None
+    if trained == 0:
+        stats.dropped += 1
+        return None
+    stats.truncated += truncated
+    stats.tokens += len(input_ids)
+    stats.trained_tokens += trained
+    return Example(input_ids, labels)
 
 
-def tokenize_dataset(tokenizer, rows: Sequence[list[dict]], max_length: int) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize every conversation under the length rule (truncate right, drop if nothing trained is left)."""
+def tokenize_dataset(
+    tokenizer, rows: Sequence[list[dict]], max_length: int, source: str = "the data"
+) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize every conversation under the length rule (truncate right, drop if nothing trained is left);
+    more than a small share of unverifiable conversations is an error that names the template problem."""
     stats = TokenizeStats()
-    examples = [tokenize_chat(tokenizer, messages, max_length, stats) for messages in rows]
+    examples = []
+    for n, messages in enumerate(rows, 1):
+        try:
+            examples.append(tokenize_chat(tokenizer, messages, max_length, stats))
+        except LLMTrainError as e:
+            raise LLMTrainError(f"{source}, row {n}: {e}") from None
+    check_verified(stats.unverified, stats.rows, stats.unverified_reason, source)
     return [e for e in examples if e is not None], stats
+
+
+def check_verified(unverified: int, rows: int, reason: str, source: str) -> None:
+    """Stop when more than MAX_UNVERIFIED_SHARE of the rows could not be given a verified loss mask."""
+    if rows and unverified / rows > MAX_UNVERIFIED_SHARE:
+        raise LLMTrainError(
+            f"{source}: the chat template's assistant spans could not be verified in {unverified} of {rows} "
+            f"conversations (for example: {reason}), more than {MAX_UNVERIFIED_SHARE:.0%}, so the loss mask cannot be "
+            "trusted. See which tokens are trained with `llmtrain show-data MODEL --data FILE`; then fix the rows, or "
+            "train with a template whose answers can be located (chat_template: a .jinja file with {% generation %} "
+            "markers around each assistant answer and its end-of-turn token, or llmtrain)."
+        )
 
 
 # ---------------------------------------------------------------- packing and batches

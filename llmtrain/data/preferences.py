@@ -9,7 +9,6 @@ assistant tokens only (end-of-turn included), so `sequence_logprobs` sums exactl
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -18,7 +17,16 @@ from typing import Any
 
 import torch
 
-from llmtrain.data.chat import IGNORE_INDEX, ROLES, Example, _hub_rows, _local_rows, collate_padded, tokenize_chat
+from llmtrain.data.chat import (
+    ROLES,
+    Example,
+    _hub_rows,
+    _local_rows,
+    check_verified,
+    collate_padded,
+    tool_turn_error,
+)
+from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 
 PREFERENCE_SHAPES = (
@@ -109,6 +117,8 @@ def _messages(value: Any, where: str, key: str) -> list[dict]:
                 f"{where}: message {i} of '{key}' must be an object with 'role' and 'content'. {PREFERENCE_SHAPES}"
             )
         role, content = message["role"], message["content"]
+        if role in ("tool", "ipython", "function") or message.get("tool_calls"):
+            raise LLMTrainError(tool_turn_error(where, i, key))
         if role not in ROLES:
             raise LLMTrainError(
                 f"{where}: message {i} of '{key}' has unknown role {role!r}; roles must be one of "
@@ -199,7 +209,7 @@ def _hh_messages(text: str, where: str, key: str) -> list[dict]:
 
 @dataclass
 class TokenizedPair:
-    """Both sides as prompt + answer; labels are -100 except on the answer's assistant tokens and <|end|>."""
+    """Both sides as prompt + answer; labels are -100 except on the answer's assistant tokens and end of turn."""
 
     chosen: Example
     rejected: Example
@@ -207,30 +217,42 @@ class TokenizedPair:
 
 @dataclass
 class PairStats:
-    """What the length rule did: pairs seen, truncated on the right, and dropped."""
+    """What the length rule did (pairs seen, truncated on the right, dropped), and pairs left out because a
+    side's answer span could not be verified in the template's rendering."""
 
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    unverified: int = 0
+    unverified_reason: str = ""
 
     def summary(self, max_length: int) -> str:
-        """A one-line account of the length rule, for the run log."""
-        return (
-            f"{self.rows} preference pairs -> {self.rows - self.dropped} kept; max_length={max_length}: "
-            f"{self.truncated} truncated on the right, {self.dropped} dropped (no answer token left on a side)"
+        """A one-line account of what was kept, for the run log."""
+        line = (
+            f"{self.rows} preference pairs -> {self.rows - self.dropped - self.unverified} kept; max_length="
+            f"{max_length}: {self.truncated} truncated on the right, {self.dropped} dropped (no answer token left "
+            "on a side)"
         )
+        if self.unverified:
+            line += f"; {self.unverified} dropped as unverifiable ({self.unverified_reason})"
+        return line
 
 
 def tokenize_pairs(
-    tokenizer, pairs: Sequence[PreferencePair], max_length: int
+    tokenizer, pairs: Sequence[PreferencePair], max_length: int, source: str = "the data"
 ) -> tuple[list[TokenizedPair], PairStats]:
     """Tokenize both sides of every pair; truncate right while both keep an answer token, else drop the pair."""
     stats, kept = PairStats(), []
-    for pair in pairs:
+    for n, pair in enumerate(pairs, 1):
         stats.rows += 1
-        prompt_ids = _prompt_ids(tokenizer, pair.prompt)
-        chosen = _side(tokenizer, pair.prompt, pair.chosen, prompt_ids)
-        rejected = _side(tokenizer, pair.prompt, pair.rejected, prompt_ids)
+        try:
+            chosen, rejected = (answer_example(tokenizer, pair.prompt, side) for side in (pair.chosen, pair.rejected))
+        except Unverifiable as e:
+            stats.unverified += 1
+            stats.unverified_reason = stats.unverified_reason or str(e)
+            continue
+        except LLMTrainError as e:
+            raise LLMTrainError(f"{source}, row {n}: {e}") from None
         if max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
             chosen, rejected = _truncate(chosen, max_length), _truncate(rejected, max_length)
             # Both sides share the prompt, so in practice this drops pairs whose prompt alone fills max_length.
@@ -239,29 +261,17 @@ def tokenize_pairs(
                 continue
             stats.truncated += 1
         kept.append(TokenizedPair(chosen, rejected))
+    check_verified(stats.unverified, stats.rows, stats.unverified_reason, source)
     return kept, stats
 
 
-def _prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def _side(tokenizer, prompt: list[dict], answer: list[dict], prompt_ids: list[int]) -> Example:
-    # Tokenize in full: whether to truncate or drop depends on both sides, so the length rule comes later.
-    example = tokenize_chat(tokenizer, prompt + answer, max_length=sys.maxsize)
-    n = len(prompt_ids)
-    if example.input_ids[:n] != prompt_ids:
-        raise LLMTrainError(
-            "The chat template renders the prompt with add_generation_prompt=True differently from the start of "
-            "prompt + answer, so the answer's tokens cannot be told apart from the prompt's. Use the project's "
-            "template (llmtrain.tokenizer.CHAT_TEMPLATE) or one whose generation prompt is exactly how an "
-            "assistant turn begins."
-        )
-    # The template also marks earlier assistant turns inside the prompt; DPO and the reward model score only
-    # the final answer, so everything up to the generation prompt is masked.
-    labels = [IGNORE_INDEX] * n + example.labels[n:]
-    return Example(example.input_ids, labels)
+def answer_example(tokenizer, prompt: list[dict], answer: list[dict]) -> Example:
+    """prompt + answer with labels on the answer's assistant tokens only, ending at the answer's last token (its
+    end-of-turn token): where a reward model reads its score, and all that DPO compares. Raises Unverifiable."""
+    encoded = chat_format(tokenizer).encode(prompt + answer, train_from=len(prompt))
+    last = max(t for t, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+    # What a template writes after the end-of-turn token (a newline, a final EOS) is neither trained nor scored.
+    return Example(encoded.input_ids[: last + 1], encoded.labels[: last + 1])
 
 
 def _truncate(example: Example, max_length: int) -> Example:

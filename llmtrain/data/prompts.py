@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.data.chat import _hub_rows, _local_rows, _message_list
+from llmtrain.data.template import chat_format
 from llmtrain.errors import LLMTrainError
 
 PROMPT_SHAPES = (
@@ -78,17 +79,21 @@ class PromptStats:
 
 
 def tokenize_prompts(
-    tokenizer, conversations: list[list[dict]], max_prompt_tokens: int
+    tokenizer, conversations: list[list[dict]], max_prompt_tokens: int, source: str = "the prompts"
 ) -> tuple[list[list[int]], list[list[dict]], PromptStats]:
     """Render each conversation with the chat template plus the assistant header; drop those over the budget.
     Returns the kept token rows, their conversations, and the counts."""
     stats = PromptStats(rows=len(conversations))
+    fmt = chat_format(tokenizer)
     ids, kept = [], []
-    for messages in conversations:
-        row = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-        if len(row["input_ids"]) > max_prompt_tokens:
+    for n, messages in enumerate(conversations, 1):
+        try:
+            row = fmt.prompt_ids(messages)
+        except LLMTrainError as e:
+            raise LLMTrainError(f"{source}, row {n}: {e}") from None
+        if len(row) > max_prompt_tokens:
             stats.dropped += 1
             continue
-        ids.append(list(row["input_ids"]))
+        ids.append(row)
         kept.append(messages)
     return ids, kept, stats

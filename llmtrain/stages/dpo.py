@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from llmtrain.config import DpoConfig, config_to_dict
-from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, sequence_logprobs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
@@ -61,17 +60,16 @@ def run(cfg: DpoConfig) -> Path:
     judge = resolve_judge(cfg.judge, cfg.runs_dir)
 
     # ---- the policy (and LoRA)
-    tokenizer = load_tokenizer(init.path)
-    ensure_chat_template(tokenizer)
-    model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
+    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.lora:
         model = add_lora(model, cfg, "CAUSAL_LM", accelerator)
 
     # ---- the pairs
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
-    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
-    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length)
+    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length, cfg.data)
+    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length, f"{cfg.eval_data} (held out)")
     if not train:
         raise LLMTrainError(f"No preference pair of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
     global_batch = cfg.batch_size * world
@@ -96,7 +94,9 @@ def run(cfg: DpoConfig) -> Path:
     # no second model; a frozen copy is loaded only when the loop needs one (or to re-score on resume).
     ref_model = None
     if not cfg.lora and (not cfg.precompute_ref or step > 0):
-        ref_model = prepare_frozen(load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa"), accelerator)
+        ref_model = prepare_frozen(
+            load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation), accelerator
+        )
 
     def reference(batch: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -215,7 +215,7 @@ def run(cfg: DpoConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except LLMTrainError:
+    except Exception:
         run.update(status="failed")
         raise
     finally:

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from llmtrain.config import PpoConfig, config_to_dict
-from llmtrain.data.chat import ensure_chat_template
 from llmtrain.data.prompts import load_prompts, question_of, tokenize_prompts
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
@@ -93,19 +92,19 @@ def run(cfg: PpoConfig) -> Path:
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     init = resolve_init(cfg.init, cfg.runs_dir, "sft")
-    tokenizer = ensure_chat_template(load_tokenizer(init.path))
+    tokenizer = load_tokenizer(init.path, cfg.chat_template)
     reward = load_reward(cfg, tokenizer)
     critic_kind = _critic_kind(cfg, reward)
     run = Run.open(cfg, "ppo", parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
 
     # ---- models: policy (LoRA optional), frozen reference, critic, reward; dropout off everywhere
-    policy = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
+    policy = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     reference = None
     if not cfg.lora:  # with LoRA the reference is the same weights with the adapter disabled
-        reference = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
-    critic = _load_critic(critic_kind, init, reward, tokenizer, policy)
+        reference = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
+    critic = _load_critic(critic_kind, init, reward, tokenizer, policy, cfg.attn_implementation)
     if cfg.lora:
         from llmtrain.lora import add_lora
 
@@ -123,12 +122,14 @@ def run(cfg: PpoConfig) -> Path:
     # ---- prompts
     train_rows, eval_rows = train_and_eval_rows(cfg, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
     prompt_budget = cfg.max_length - cfg.max_new_tokens
-    prompt_ids, prompts, stats = tokenize_prompts(tokenizer, train_rows, prompt_budget)
+    prompt_ids, prompts, stats = tokenize_prompts(tokenizer, train_rows, prompt_budget, cfg.data)
     if not prompt_ids:
         raise LLMTrainError(
             f"No prompt of {cfg.data} fits in max_length - max_new_tokens = {prompt_budget} tokens; raise --max_length."
         )
-    eval_prompts = tokenize_prompts(tokenizer, eval_rows, prompt_budget)[1][: cfg.task_eval_rows]
+    eval_prompts = tokenize_prompts(tokenizer, eval_rows, prompt_budget, f"{cfg.eval_data} (held out)")[1][
+        : cfg.task_eval_rows
+    ]
     checker = resolve_checker(cfg.task, [question_of(p) for p in eval_prompts])
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompt_ids) / global_batch))
@@ -273,7 +274,7 @@ def run(cfg: PpoConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except LLMTrainError:
+    except Exception:
         run.update(status="failed")
         raise
     finally:
@@ -381,7 +382,9 @@ def _critic_kind(cfg: PpoConfig, reward: RewardSource) -> str | None:
     return kind
 
 
-def _load_critic(kind: str | None, init, reward: RewardSource, tokenizer, policy) -> nn.Module | None:
+def _load_critic(
+    kind: str | None, init, reward: RewardSource, tokenizer, policy, attn_implementation: str
+) -> nn.Module | None:
     from llmtrain.stages.reward import load_reward_model
 
     if kind is None:
@@ -392,7 +395,7 @@ def _load_critic(kind: str | None, init, reward: RewardSource, tokenizer, policy
         nn.init.zeros_(head.bias)
         return head
     path, spec = (reward.path, reward.spec) if kind == "reward" else (init.path, init.spec)
-    return load_reward_model(path, tokenizer, spec)
+    return load_reward_model(path, tokenizer, spec, attn_implementation)
 
 
 # ---------------------------------------------------------------- rewards
@@ -464,8 +467,8 @@ def load_reward(cfg: PpoConfig, policy_tokenizer) -> RewardSource:
     _check_reward_checkpoint(source)
     from llmtrain.stages.reward import load_reward_model
 
-    tokenizer = ensure_chat_template(load_tokenizer(source.path))
-    model = load_reward_model(source.path, tokenizer, source.spec).requires_grad_(False)
+    tokenizer = load_tokenizer(source.path)
+    model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation).requires_grad_(False)
     same = (tokenizer.get_vocab(), tokenizer.chat_template) == (
         policy_tokenizer.get_vocab(),
         policy_tokenizer.chat_template,
@@ -534,7 +537,7 @@ def generate_rollout(
 ) -> Rollout:
     """Sample `num_generations` responses to each prompt in `idx` (this process's share of the step's batch)."""
     device = next(policy.parameters()).device
-    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
+    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy)
     rows = [int(i) for i in idx for _ in range(cfg.num_generations)]
     # A row's seed depends on its place in the global batch, not on the process or batch that samples it.
     places = [(j * world + rank) * cfg.num_generations + k for j in range(len(idx)) for k in range(cfg.num_generations)]
@@ -575,6 +578,11 @@ def _response_logits(logits: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return logits[:, prompt_len - 1 : -1]
 
 
+def _model_inputs(inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    # By name: GPT-2's second positional argument is its cache, not the attention mask.
+    return dict(zip(("input_ids", "attention_mask", "position_ids"), inputs))
+
+
 @torch.no_grad()
 def score_rollout(raw: ActorCritic, reference, rollout: Rollout, cfg: PpoConfig):
     """Log-probs of the responses under the policy and the reference, and the critic's values (or None)."""
@@ -590,9 +598,9 @@ def score_rollout(raw: ActorCritic, reference, rollout: Rollout, cfg: PpoConfig)
             values.append(_response_logits(v, p))
         if reference is None:  # LoRA: the reference is the base model with the adapter disabled
             with raw.policy.disable_adapter(), root_gathered(raw):
-                ref_logits = raw.policy(*inputs[:2], position_ids=inputs[2], use_cache=False).logits
+                ref_logits = raw.policy(**_model_inputs(inputs), use_cache=False).logits
         else:
-            ref_logits = reference(*inputs[:2], position_ids=inputs[2], use_cache=False).logits
+            ref_logits = reference(**_model_inputs(inputs), use_cache=False).logits
         ref_lp.append(logprobs_of(_response_logits(ref_logits, p), tokens, cfg.temperature))
     mask = rollout.mask
     old_values = torch.cat(values) * mask if values else None

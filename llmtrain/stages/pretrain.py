@@ -199,7 +199,7 @@ def run(cfg: PretrainConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, train_state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except LLMTrainError:
+    except Exception:
         run.update(status="failed")
         raise
     finally:
@@ -287,7 +287,7 @@ def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
         vocab = 64 * math.ceil(len(tokenizer) / 64)
         torch.manual_seed(cfg.seed)
         return AutoModelForCausalLM.from_config(preset_config(cfg.preset, vocab, cfg.seq_len, special))
-    model = load_causal_lm(source, cfg.runs_dir, attn_implementation="sdpa")
+    model = load_causal_lm(source, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.config.vocab_size:
         raise LLMTrainError(
             f"The tokenizer has {len(tokenizer)} tokens but model '{cfg.preset}' has an embedding of only "

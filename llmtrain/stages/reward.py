@@ -16,16 +16,17 @@ import numpy as np
 import torch
 
 from llmtrain.config import RewardConfig, config_to_dict
-from llmtrain.data.chat import ensure_chat_template
-from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
+from llmtrain.data.preferences import answer_example, collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
+from llmtrain.data.template import Unverifiable, chat_format
 from llmtrain.distributed import full_state_dict, micro_step, process_share
 from llmtrain.errors import LLMTrainError
+from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.losses import bradley_terry_loss
 from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
-from llmtrain.registry import parent_manifest, resolve_init
+from llmtrain.registry import load_pretrained, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
 from llmtrain.runtime import (
     end_run,
@@ -53,17 +54,17 @@ def run(cfg: RewardConfig) -> Path:
     init = resolve_init(cfg.init, cfg.runs_dir, "sft")
     run = Run.open(cfg, "reward", parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
 
-    # ---- model: one score per sequence, read at the last non-pad token
-    tokenizer = load_tokenizer(init.path)
-    ensure_chat_template(tokenizer)
-    model = load_reward_model(init.path, tokenizer, init.spec)
+    # ---- model: one score per sequence, read at the answer's last token (its end of turn)
+    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    model = load_reward_model(init.path, tokenizer, init.spec, cfg.attn_implementation)
+    pad_id = model.config.pad_token_id  # padding that no answer ends with (see reward_pad_id)
     if cfg.lora:
         model = add_lora(model, cfg, "SEQ_CLS", accelerator)  # SEQ_CLS keeps the new score head trainable
 
     # ---- data
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
-    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
-    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length)
+    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length, cfg.data)
+    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length, f"{cfg.eval_data} (held out)")
     if not train:
         raise LLMTrainError(f"No preference pair of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
     global_batch = cfg.batch_size * world
@@ -114,9 +115,7 @@ def run(cfg: RewardConfig) -> Path:
             sums = torch.zeros(3, device=device)  # loss, correct pairs, pairs
             for micro in range(cfg.grad_accum):
                 idx = batch_indices(len(train), global_batch, cfg.seed, step * cfg.grad_accum + micro)[rank::world]
-                batch = {
-                    k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], tokenizer.pad_token_id).items()
-                }
+                batch = {k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], pad_id).items()}
                 batch.pop("labels")
                 with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
@@ -148,14 +147,14 @@ def run(cfg: RewardConfig) -> Path:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run.log_metrics(
                     step,
-                    evaluate_pairs(model, held_out, tokenizer.pad_token_id, cfg.batch_size, accelerator)[0],
+                    evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)[0],
                     accelerator,
                 )
             state = {"train_time_s": train_time}
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except LLMTrainError:
+    except Exception:
         run.update(status="failed")
         raise
     finally:
@@ -163,7 +162,7 @@ def run(cfg: RewardConfig) -> Path:
         restore_signal_handlers()
 
     # ---- the end: pairwise accuracy on held-out pairs, score distributions, save, register
-    final, scores = evaluate_pairs(model, held_out, tokenizer.pad_token_id, cfg.batch_size, accelerator)
+    final, scores = evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)
     run.log_metrics(step, final, accelerator)
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)
@@ -194,17 +193,29 @@ def run(cfg: RewardConfig) -> Path:
     return run.path
 
 
-def load_reward_model(path: str, tokenizer, spec: str):
-    """A native sequence classifier with one output; a causal LM checkpoint gets a fresh score head."""
+def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str = "auto"):
+    """A native sequence classifier with one output; a causal LM checkpoint gets a fresh score head. Its score is
+    read at the last token that is not padding, so padding uses `reward_pad_id` (which no answer ends with)."""
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, attn_implementation="sdpa")
+        model = load_pretrained(AutoModelForSequenceClassification, path, attn_implementation, num_labels=1)
     except (OSError, ValueError) as e:
         raise LLMTrainError(f"Could not load '{spec}' as a sequence classifier: {str(e).splitlines()[0]}") from None
-    # The score is read at the last token that is not padding: the model finds it through pad_token_id.
-    model.config.pad_token_id = tokenizer.pad_token_id
+    pad = reward_pad_id(tokenizer)
+    model.config.pad_token_id = pad
+    # The tokenizer saved with a reward run pads the same way, so the pair reads scores where they were trained.
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     return model
+
+
+def reward_pad_id(tokenizer) -> int:
+    """The padding id of reward batches. A sequence classifier reads its score at the last token that is not
+    padding, and every answer ends with a stop token, so the padding must never be one: where pad == eos
+    (Llama 3, SmolLM2) another special token (or id 0) pads instead."""
+    stops = set(stop_token_ids(tokenizer))
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, *tokenizer.all_special_ids]
+    return next(c for c in [*candidates, 0, 1, 2] if c is not None and c not in stops)
 
 
 @torch.no_grad()
@@ -235,16 +246,25 @@ def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> t
 
 @torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64) -> list[float]:
-    """The reward model's score of each whole conversation (its last turn is the answer being judged)."""
+    """The reward model's score of each conversation's final assistant answer, read at the answer's last token
+    (its end-of-turn token), the same place reward training and PPO read it."""
+    pad = reward_pad_id(tokenizer)
     scores: list[float] = []
     for i in range(0, len(conversations), batch_size):
-        rows = [
-            tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-            for c in conversations[i : i + batch_size]
-        ]
+        rows = [_answer_ids(tokenizer, c) for c in conversations[i : i + batch_size]]
         longest = max(len(r) for r in rows)
-        # Right padding: the classifier reads its score at the last token that is not padding.
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (longest - len(r)) for r in rows], device=model.device)
+        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=model.device)
         mask = (torch.arange(longest)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).to(model.device)
         scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
     return scores
+
+
+def _answer_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    try:
+        return answer_example(tokenizer, conversation[:-1], conversation[-1:]).input_ids
+    except Unverifiable:
+        # A generated reply the template renders in a way that cannot be located: score it as it was generated,
+        # the prompt, the reply's tokens and the end-of-turn token.
+        fmt = chat_format(tokenizer)
+        reply = tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"]
+        return fmt.prompt_ids(conversation[:-1]) + list(reply) + [fmt.end_of_turn_id]

@@ -19,7 +19,6 @@ from llmtrain.config import PolicyConfig, SftConfig, config_to_dict
 from llmtrain.data.chat import (
     collate_packed,
     collate_padded,
-    ensure_chat_template,
     load_chat_rows,
     masked_lm_loss,
     pack_examples,
@@ -62,9 +61,8 @@ def run(cfg: SftConfig) -> Path:
     run = Run.open(cfg, "sft", parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
 
     # ---- model, tokenizer, LoRA
-    tokenizer = load_tokenizer(init.path)
-    ensure_chat_template(tokenizer)
-    model = load_causal_lm(init, cfg.runs_dir, attn_implementation="sdpa")
+    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     model.config.use_cache = False  # training never needs the KV cache; packed rows must not use one
@@ -73,8 +71,8 @@ def run(cfg: SftConfig) -> Path:
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
     train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
-    train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length)
-    eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length)
+    train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length, cfg.data)
+    eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length, f"{cfg.eval_data} (held out)")
     if not train_examples:
         raise LLMTrainError(f"No training example of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
     items = pack_examples(train_examples, cfg.max_length) if cfg.packing else train_examples
@@ -196,7 +194,7 @@ def run(cfg: SftConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except LLMTrainError:
+    except Exception:
         run.update(status="failed")
         raise
     finally:
@@ -268,7 +266,8 @@ def save_policy(raw_model, state_dict, tokenizer, run: Run, cfg: PolicyConfig, a
     if model is not raw_model and cfg.merge_lora:
         state_dict = None  # the merged model's own weights, not the adapter-wrapped state
     base = model.get_base_model() if cfg.lora and not cfg.merge_lora else model
-    base.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    # The model's own end-of-sequence ids stay; the template's end-of-turn token is added to them.
+    base.generation_config.eos_token_id = stop_token_ids(tokenizer, base)
     base.generation_config.pad_token_id = tokenizer.pad_token_id
     base.config.use_cache = True
     model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
