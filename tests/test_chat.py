@@ -193,7 +193,8 @@ def test_a_template_whose_answers_cannot_be_located_is_an_error_naming_the_probl
     # No generation markers, and the generation prompt says "A:" while turns are rendered with the usual header:
     # no span can be verified.
     odd.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    odd.chat_template = odd.chat_template.replace("{{ '<|assistant|>\n' }}{%- endif", "{{ '<|assistant|>A:' }}{%- endif")
+    header = "{{ '<|assistant|>\n' }}{%- endif"
+    odd.chat_template = odd.chat_template.replace(header, header.replace("\n", "A:"))
     assert odd.chat_template != CHAT_TEMPLATE
     with pytest.raises(LLMTrainError, match=r"data.jsonl: .*could not be verified in 2 of 2 conversations.*show-data"):
         tokenize_dataset(odd, [MULTI_TURN, MULTI_TURN[1:3]], max_length=256, source="data.jsonl")

@@ -241,7 +241,8 @@ def test_long_pairs_are_truncated_while_both_sides_keep_an_answer_token_and_drop
 def test_pairs_whose_answer_cannot_be_located_are_an_error_naming_the_template_problem(tok):
     odd = copy.deepcopy(tok)
     odd.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    odd.chat_template = odd.chat_template.replace("{{ '<|assistant|>\n' }}{%- endif", "{{ '<|assistant|>A:' }}{%- endif")
+    header = "{{ '<|assistant|>\n' }}{%- endif"
+    odd.chat_template = odd.chat_template.replace(header, header.replace("\n", "A:"))
     assert "A:" in odd.chat_template
     with pytest.raises(LLMTrainError, match="prefs.jsonl: the chat template's assistant spans could not be verified"):
         tokenize_pairs(odd, [MULTI_TURN], max_length=256, source="prefs.jsonl")
