@@ -147,6 +147,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_data(args: argparse.Namespace) -> int:
+    from llmtrain.data.show import show_data
+    from llmtrain.registry import resolve_model
+    from llmtrain.tokenizer import load_tokenizer
+
+    source = resolve_model(args.model, _runs_dir(args.runs_dir))
+    tokenizer = load_tokenizer(source.path or args.model, args.chat_template)
+    show_data(tokenizer, args.data, args.kind, args.rows, args.max_rows, args.max_length)
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from llmtrain.hub import find_run
 
@@ -214,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response", required=True)
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("show-data", help="show rows as a model sees them, trained tokens marked, and drop counts")
+    p.add_argument("model", help="run name, run folder, HF checkpoint or Hub id (its tokenizer and chat template)")
+    p.add_argument("--data", required=True, help="chat, preference or prompt rows: a file, a folder or a Hub id")
+    p.add_argument("--kind", default="auto", choices=("auto", "sft", "pairs", "prompts"))
+    p.add_argument("--chat_template", default="auto", help="auto (the model's own), llmtrain, or a .jinja file")
+    p.add_argument("--rows", type=int, default=3, help="rows to print")
+    p.add_argument("--max_rows", type=int, default=1000, help="rows to count")
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--runs_dir", default=None)
+    p.set_defaults(func=cmd_show_data)
 
     p = sub.add_parser("push", help="upload a run to the Hugging Face Hub with a generated model card")
     p.add_argument("run", help="finished run name or run folder")

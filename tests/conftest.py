@@ -127,3 +127,11 @@ def reward_run(sft_run) -> Path:
     from llmtrain.stages import reward
 
     return reward.run(reward_config(sft_run.parent, run_name="rm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models of real Hugging Face families with their published tokenizers and chat templates."""
+    from families import build_all  # tests/ is on sys.path under pytest's rootdir conftest
+
+    return build_all(tmp_path_factory.mktemp("families"))

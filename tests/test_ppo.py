@@ -106,14 +106,14 @@ def test_a_ppo_run_is_registered_with_its_parent_samples_plot_and_a_loadable_pol
     assert model.config.use_cache and model.generation_config.pad_token_id is not None
 
 
-def test_a_reward_model_run_is_read_at_the_last_real_token_and_becomes_a_parent(sft_run, reward_run):
+def test_a_reward_model_run_is_read_at_the_answers_end_of_turn_token_and_becomes_a_parent(sft_run, reward_run):
     cfg = ppo_config(sft_run.parent, reward_fn=None, reward_model="rm-tiny", run_name="ppo-rm")
     m = manifest(ppo.run(cfg))
     assert m["parents"] == ["sft-tiny", "rm-tiny"] and m["model"]["critic"] == "reward"
     assert m["model"]["reward"] == {"kind": "model", "spec": "rm-tiny", "tokens": True}
 
-    # The score read at the last real token of [left-padded prompt | right-padded response] rows equals the
-    # reward model's usual score of the same conversation, rendered alone without any padding.
+    # The score PPO reads at the end-of-turn token of [left-padded prompt | right-padded response] rows equals
+    # the score `llmtrain score` and the judge give the same conversation, rendered alone without any padding.
     from llmtrain.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(sft_run))
@@ -133,9 +133,9 @@ def test_a_reward_model_run_is_read_at_the_last_real_token_and_becomes_a_parent(
 
 def make_rollout(tokenizer, prompts: list[list[dict]], answers: list[str]) -> ppo.Rollout:
     """A rollout of given answers, laid out as the stage lays out sampled ones."""
-    from llmtrain.generate import stop_token_ids
+    from llmtrain.data.template import chat_format
 
-    pad, end = tokenizer.pad_token_id, stop_token_ids(tokenizer)[0]
+    pad, end = tokenizer.pad_token_id, chat_format(tokenizer).end_of_turn_id
     queries = [
         tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"] for p in prompts
     ]
