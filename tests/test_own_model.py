@@ -1,0 +1,109 @@
+"""A user's own model: tiny models of nine real families go through every stage with their templates as shipped.
+
+Each family runs SFT, a reward model, DPO and PPO a few steps on the embedded task, then `eval`,
+`generate` and `push --dry_run`; every result reloads with transformers and stops at the end of its
+turn. The variants (packed or padded SFT, full or LoRA, PPO on a reward model or a function) are
+spread over the families, so each variant runs on several architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+
+from llmtrain.cli import main
+from llmtrain.config import DpoConfig, PpoConfig, RewardConfig, SftConfig
+from llmtrain.data.corpus import REPO_DATA_DIR
+from llmtrain.data.template import chat_format
+from llmtrain.registry import read_manifest
+from llmtrain.stages import dpo, ppo, reward, sft
+from llmtrain.tokenizer import load_tokenizer
+
+STEPS = dict(batch_size=4, max_steps=2, max_length=96, eval_every=0, log_every=1, save_every=0, warmup_steps=0)
+POLICY = dict(task_eval_rows=4, max_new_tokens=4, num_samples=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, str]:
+    """A few rows of each of the embedded task's files, so that every stage runs in about a second."""
+    out = tmp_path_factory.mktemp("task")
+    sizes = {"sft_train": 24, "sft_val": 8, "prefs_train": 24, "prefs_val": 8, "prompts_train": 8, "prompts_val": 4}
+    for name, rows in sizes.items():
+        lines = (REPO_DATA_DIR / f"{name}.jsonl").read_text().splitlines()[:rows]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return {name: str(out / f"{name}.jsonl") for name in sizes}
+
+
+def data(files: dict[str, str], kind: str) -> dict[str, str]:
+    return {"data": files[f"{kind}_train"], "eval_data": files[f"{kind}_val"]}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
+    name, family_models, task_files, tmp_path, capsys
+):
+    i, model_dir, runs = FAMILIES.index(name), str(family_models[name]), str(tmp_path)
+    tokenizer = load_tokenizer(model_dir)
+    end_of_turn = chat_format(tokenizer).end_of_turn_id
+    own_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    own_eos = own_eos if isinstance(own_eos, list) else [own_eos]
+
+    packing, lora = i % 2 == 0, i % 3 == 1
+    sft_dir = sft.run(
+        SftConfig(**_common(runs, model_dir, "sft"), **POLICY, packing=packing, lora=lora, **data(task_files, "sft"))
+    )
+    m = read_manifest(sft_dir)
+    assert m["status"] == "finished" and m["data"]["unverified"] == 0 and m["data"]["trained_tokens"] > 0
+    assert m["metrics"]["val_loss"] < m["metrics"]["parent_val_loss"]
+    tuned = AutoModelForCausalLM.from_pretrained(sft_dir)
+    stops = tuned.generation_config.eos_token_id
+    # The model's own end-of-sequence ids are kept, in order, and the template's end of turn stops generation.
+    assert stops[: len(own_eos)] == own_eos and end_of_turn in stops
+    assert load_tokenizer(sft_dir).chat_template == tokenizer.chat_template
+
+    rm_dir = reward.run(RewardConfig(**_common(runs, "sft", "rm"), **data(task_files, "prefs")))
+    assert read_manifest(rm_dir)["status"] == "finished"
+    scorer = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    # Scores are read at the last token that is not padding: an answer's end of turn, never the padding.
+    assert scorer.config.num_labels == 1 and scorer.config.pad_token_id != end_of_turn
+
+    dpo_dir = dpo.run(
+        DpoConfig(**_common(runs, "sft", "dpo"), **POLICY, judge="rm", lora=i % 3 == 0, **data(task_files, "prefs"))
+    )
+    assert end_of_turn in AutoModelForCausalLM.from_pretrained(dpo_dir).generation_config.eos_token_id
+
+    prompts = data(task_files, "prompts")
+    ppo_steps = {**_common(runs, "sft", "ppo"), **POLICY, "num_mini_batches": 1, "ppo_epochs": 1}
+    ppo_dir = ppo.run(PpoConfig(**ppo_steps, reward_model="rm", lora=i % 2 == 1, **prompts))
+    assert read_manifest(ppo_dir)["model"]["reward"]["tokens"] is True
+    assert end_of_turn in AutoModelForCausalLM.from_pretrained(ppo_dir).generation_config.eos_token_id
+    if i % 3 == 2:
+        fn = "llmtrain.data.default_task:answer_reward"
+        ppo.run(PpoConfig(**{**ppo_steps, "run_name": "ppo-fn"}, reward_fn=fn, **prompts))
+
+    capsys.readouterr()
+    assert main(["eval", "sft", "--data", task_files["sft_val"], "--max_new_tokens", "4", "--runs_dir", runs]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
+    generate = ["generate", "sft", "--prompt", "2 + 2 =", "--max_new_tokens", "4", "--greedy"]
+    assert main([*generate, "--runs_dir", runs]) == 0
+    assert main(["score", "rm", "--prompt", "What is 2 + 2?", "--response", "4", "--runs_dir", runs]) == 0
+    assert main(["push", "dpo", "--repo_id", "user/tiny", "--dry_run", "--runs_dir", runs]) == 0
+    staged = Path(capsys.readouterr().out.split("upload to user/tiny: ")[1].splitlines()[0])
+    assert AutoModelForCausalLM.from_pretrained(staged).config.architectures == tuned.config.architectures
+
+
+def _common(runs: str, init: str, run_name: str) -> dict:
+    return dict(runs_dir=runs, init=init, run_name=run_name, lr=1e-3, **STEPS)
