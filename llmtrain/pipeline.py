@@ -7,6 +7,9 @@ each stage starts from the runs before it (SFT from the pretrain run; the reward
 from the SFT run; DPO judged by the reward model, PPO rewarded by it). A stage whose run is finished is
 skipped unless it, or a stage it depends on, is run again (`--redo`), so an interrupted pipeline
 continues where it stopped.
+
+A recipe with a top-level `model:` (a Hub id, a local checkpoint or a run) starts from that trained
+model instead: no tokenizer or pretraining; SFT tunes it with its own tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -46,29 +49,56 @@ class StageResult:
 
 def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str]) -> list[StageResult]:
     """Run (or skip) each stage in order and return one row per stage."""
+    recipe = dict(recipe)
+    model = recipe.pop("model", None)
     unknown = set(recipe) - set(STAGES)
     if unknown:
-        raise LLMTrainError(f"Unknown pipeline section(s) {sorted(unknown)}; the sections are {', '.join(STAGES)}.")
+        raise LLMTrainError(
+            f"Unknown pipeline section(s) {sorted(unknown)}; the sections are {', '.join(STAGES)} (and model:)."
+        )
+    if model and {"tokenizer", "pretrain"} & set(recipe):
+        raise LLMTrainError(
+            f"The pipeline recipe starts from model: {model}, so it has no tokenizer or pretrain stage; remove the "
+            "tokenizer: and pretrain: sections (or remove model: to pretrain a model of your own)."
+        )
+    stages = {stage: inputs for stage, inputs in INPUTS.items() if not (model and stage == "pretrain")}
+
+    def run_of(source: str) -> str:
+        return model if source == "pretrain" and model else f"{name}-{source}"
+
     # Every config is read before anything runs, so a typo in the last section fails in the first second.
     configs = {
         stage: config_from_dict(
             STAGE_CONFIGS[stage],
             {
                 **_section(recipe, stage),
-                **{key: f"{name}-{source}" for key, source in inputs.items()},
+                **{key: run_of(source) for key, source in inputs.items()},
                 "runs_dir": runs_dir,
                 "run_name": f"{name}-{stage}",
             },
             f"the pipeline's {stage} section",
         )
-        for stage, inputs in INPUTS.items()
+        for stage, inputs in stages.items()
     }
     for cfg in configs.values():
         check_push_config(cfg)
     results: list[StageResult] = []
+    if not model:
+        redo = _tokenizer_stage(configs["pretrain"], runs_dir, name, recipe, redo, results)
+    for stage, inputs in stages.items():
+        if redo & set(inputs.values()):
+            redo = redo | {stage}  # a stage built on a run that was just made again is made again too
+        results.append(_run_stage(stage, configs[stage], redo))
+        if not results[-1].skipped:
+            redo = redo | {stage}
+    return results
 
-    # tokenizer: trained on the pretraining corpus, saved as a folder beside the runs
-    pretrain_cfg = configs["pretrain"]
+
+def _tokenizer_stage(
+    pretrain_cfg: PretrainConfig, runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str], results: list
+) -> set[str]:
+    """Train the tokenizer on the pretraining corpus (a folder beside the runs) unless it exists; the stages to
+    run again come back (a new tokenizer invalidates the runs built on the old one)."""
     tok_dir = Path(runs_dir) / f"{name}-tokenizer"
     tok_opts = {"vocab_size": pretrain_cfg.vocab_size, **recipe.get("tokenizer", {})}
     if not (tok_dir / "tokenizer.json").is_file() or redo & {"tokenizer", "all"}:
@@ -77,18 +107,11 @@ def run_pipeline(runs_dir: str, name: str, recipe: dict[str, Any], redo: set[str
         results.append(
             StageResult("tokenizer", tok_dir.name, f"vocab={tok_opts['vocab_size']}", time.perf_counter() - t0, False)
         )
-        redo = redo | {"pretrain"}  # a new tokenizer invalidates the runs built on the old one
+        redo = redo | {"pretrain"}
     else:
         results.append(StageResult("tokenizer", tok_dir.name, f"vocab={tok_opts['vocab_size']}", 0.0, True))
     pretrain_cfg.tokenizer = str(tok_dir)
-
-    for stage, inputs in INPUTS.items():
-        if redo & set(inputs.values()):
-            redo = redo | {stage}  # a stage built on a run that was just made again is made again too
-        results.append(_run_stage(stage, configs[stage], redo))
-        if not results[-1].skipped:
-            redo = redo | {stage}
-    return results
+    return redo
 
 
 def _section(recipe: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -109,3 +109,34 @@ def test_the_gpu_pipeline_recipe_reads_every_stage_recipe(monkeypatch):
         assert cfg != STAGE_CONFIGS[stage]()  # the GPU recipe, not the CPU defaults
     assert "launch/reproduce.sh" in (repo / "recipes" / "configs" / "pipeline" / "gpt-small.yaml").read_text()
     assert "recipes/configs/pipeline/gpt-small.yaml" in (repo / "launch" / "reproduce.sh").read_text()
+
+
+def test_a_recipe_that_names_a_model_starts_at_sft_from_it_with_its_own_template(
+    tmp_path, family_models, monkeypatch, capsys
+):
+    """The SmolLM2 recipe, with the Hub model replaced by a tiny local SmolLM2 and sizes cut to a CPU's."""
+    from pathlib import Path
+
+    from llmtrain.pipeline import run_pipeline
+    from llmtrain.registry import read_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    recipe = yaml.safe_load((repo / "recipes" / "configs" / "pipeline" / "smollm2-135m.yaml").read_text())
+    assert recipe["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "pretrain" not in recipe
+    recipe["model"] = str(family_models["smollm2"])
+    tiny = dict(max_rows=16, batch_size=4, grad_accum=1, max_steps=2, max_length=128, eval_every=0, save_every=0)
+    files = {"sft": "sft", "reward": "prefs", "dpo": "prefs", "ppo": "prompts"}
+    for stage, kind in files.items():
+        recipe[stage].update(tiny, data=f"data/{kind}_train.jsonl", eval_data=f"data/samples/{kind}.jsonl")
+    for stage in ("dpo", "ppo"):
+        recipe[stage].update(task_eval_rows=4, max_new_tokens=4)
+    recipe["ppo"].update(num_mini_batches=1, ppo_epochs=1)
+    recipe["sft"]["eval_data"] = "data/samples/sft_messages.jsonl"
+
+    results = run_pipeline(str(tmp_path), "own", recipe, set())
+    assert [r.stage for r in results] == ["sft", "reward", "dpo", "ppo"]
+    sft = read_manifest(tmp_path / "own-sft")
+    assert sft["parent"] == str(family_models["smollm2"]) and sft["config"]["chat_template"] == "auto"
+    assert read_manifest(tmp_path / "own-ppo")["parents"] == ["own-sft", "own-reward"]
+    assert (tmp_path / "own-dpo" / "llmtrain.json").is_file()
