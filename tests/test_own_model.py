@@ -107,3 +107,67 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
 
 def _common(runs: str, init: str, run_name: str) -> dict:
     return dict(runs_dir=runs, init=init, run_name=run_name, lr=1e-3, **STEPS)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3.2"])
+def test_every_reader_scores_an_answer_at_its_end_of_turn_where_pad_is_eos(name, family_models):
+    """Reward training, `llmtrain score` (and so DPO's judge and PPO's val_reward) and PPO's rollout scores
+    all read the score at the answer's end-of-turn token, not at the token before it."""
+    from llmtrain.data.preferences import PreferencePair, collate_pairs, tokenize_pairs
+    from llmtrain.stages.ppo import RewardSource, Rollout
+    from llmtrain.stages.reward import load_reward_model, score_conversations
+
+    path = str(family_models[name])
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == chat_format(tokenizer).end_of_turn_id
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer, name).eval()
+    prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "And 45 - 17?"}]]
+    answers = ["12 + 30 = 42", "28"]
+    answer_turns = [[{"role": "assistant", "content": a}] for a in answers]
+
+    # By hand: the score head at the end-of-turn token of each conversation rendered alone.
+    fmt = chat_format(tokenizer)
+    by_hand = []
+    for prompt, answer in zip(prompts, answer_turns):
+        ids = fmt.encode(prompt + answer, train_from=1).input_ids
+        end = max(i for i, t in enumerate(ids) if t == fmt.end_of_turn_id)
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
+        by_hand.append(model.score(hidden[0, end]).item())
+        before = model.score(hidden[0, end - 1]).item()
+        assert abs(before - by_hand[-1]) > 1e-4  # reading one token early would give another score
+
+    with torch.no_grad():
+        # `llmtrain score`, DPO's judge and PPO's val_reward.
+        scored = score_conversations(model, tokenizer, [p + a for p, a in zip(prompts, answer_turns)])
+        # Reward training and its held-out accuracy: the chosen side of a pair, padded as in a batch.
+        wrong = [{"role": "assistant", "content": "0"}]
+        pairs, _ = tokenize_pairs(tokenizer, [PreferencePair(p, a, wrong) for p, a in zip(prompts, answer_turns)], 128)
+        batch = collate_pairs(pairs, model.config.pad_token_id)
+        trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:2, 0]
+        # PPO: [left-padded prompt | response ending at the end-of-turn token, right-padded] rows.
+        rows = [
+            (fmt.prompt_ids(p), tokenizer(a, add_special_tokens=False)["input_ids"] + [fmt.end_of_turn_id])
+            for p, a in zip(prompts, answers)
+        ]
+        width, longest = max(len(q) for q, _ in rows), max(len(r) for _, r in rows)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(q)) + q + r + [pad] * (longest - len(r)) for q, r in rows])
+        attention = torch.tensor(
+            [[0] * (width - len(q)) + [1] * (len(q) + len(r)) + [0] * (longest - len(r)) for q, r in rows]
+        )
+        mask = attention[:, width:].float()
+        rollout = Rollout(
+            ids,
+            attention,
+            (attention.cumsum(-1) - 1).clamp(min=0),
+            ids[:, width:],
+            mask,
+            torch.ones(2, dtype=torch.bool),
+            width,
+            prompts,
+            answers,
+        )
+        from_rollout = RewardSource(name, model=model, tokenizer=tokenizer, same_tokens=True).score(rollout, 2)
+    for scores in (scored, trained.tolist(), from_rollout.tolist()):
+        assert scores == pytest.approx(by_hand, abs=1e-4)
