@@ -140,6 +140,10 @@ class FinetuneConfig(RunConfig):
     max_rows: int | None = field(default=None, metadata={"help": "Read at most this many training rows."})
     val_fraction: float = field(default=0.05, metadata={"help": "Held out from --data when it has no eval split."})
     max_length: int = field(default=128, metadata={"help": "Longer examples are truncated, or dropped."})
+    num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Tokenizing processes (default: one per 3,000 rows, at most the CPU count)."},
+    )
     # model
     lora: bool = False
     lora_r: int = 16

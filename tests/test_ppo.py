@@ -293,3 +293,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sft_run, tmp_path):
     checkpoints = list((tmp_path / "runs" / "preempted" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
     assert json.loads((tmp_path / "runs" / "preempted" / "llmtrain.json").read_text())["status"] == "interrupted"
+
+
+def test_a_crash_inside_the_loop_marks_the_run_failed_not_running(sft_run, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(ppo, "score_rollout", crash)
+    with pytest.raises(RuntimeError, match="a bug"):
+        ppo.run(ppo_config(sft_run.parent, run_name="ppo-crash", max_steps=1, task_eval_rows=2))
+    assert manifest(sft_run.parent / "ppo-crash")["status"] == "failed"

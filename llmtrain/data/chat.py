@@ -14,7 +14,7 @@ import bisect
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 
@@ -301,19 +302,66 @@ def tokenize_chat(
 
 
 def tokenize_dataset(
-    tokenizer, rows: Sequence[list[dict]], max_length: int, source: str = "the data"
+    tokenizer,
+    rows: Sequence[list[dict]],
+    max_length: int,
+    source: str = "the data",
+    *,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+    min_rows: int | None = None,
 ) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every conversation under the length rule (truncate right, drop if nothing trained is left);
-    more than a small share of unverifiable conversations is an error that names the template problem."""
+    more than a small share of unverifiable conversations is an error that names the template problem.
+    From `min_rows` rows on (default `prepare.MIN_CACHED_ROWS`) the rows are tokenized with `datasets.map` in
+    `num_proc` processes and cached under `cache_dir`; see `llmtrain.data.prepare`."""
+    columns = prepare_columns(
+        "sft", tokenizer, rows, _chat_columns, _CHAT_SCHEMA, {"max_length": max_length}, num_proc, cache_dir, min_rows
+    )
+    raise_first_error(columns, source)
     stats = TokenizeStats()
-    examples = []
-    for n, messages in enumerate(rows, 1):
-        try:
-            examples.append(tokenize_chat(tokenizer, messages, max_length, stats))
-        except LLMTrainError as e:
-            raise LLMTrainError(f"{source}, row {n}: {e}") from None
+    add_row_stats(stats, columns)
     check_verified(stats.unverified, stats.rows, stats.unverified_reason, source)
-    return [e for e in examples if e is not None], stats
+    with gc_paused():
+        examples = [
+            Example(ids, labels)
+            for kept, ids, labels in zip(columns["kept"], columns["input_ids"], columns["labels"])
+            if kept
+        ]
+    return examples, stats
+
+
+_STATS_FIELDS = [f.name for f in fields(TokenizeStats)]
+_CHAT_SCHEMA = {
+    "error": "str",
+    "kept": "bool",
+    "input_ids": "ids",
+    "labels": "ids",
+    **{f.name: "str" if f.type == "str" else "int" for f in fields(TokenizeStats)},
+}
+
+
+def _chat_columns(conversations: list[list[dict]], tokenizer, max_length: int) -> dict[str, list]:
+    """`tokenize_chat` on each conversation: its example (if kept), its own TokenizeStats, or the error that
+    refused it (the rows after a refused one are skipped; the refusal is what the caller raises)."""
+    columns: dict[str, list] = {name: [] for name in _CHAT_SCHEMA}
+    refused = False
+    for messages in conversations:
+        stats, example, error = TokenizeStats(), None, ""
+        if refused:
+            error = SKIPPED
+        else:
+            try:
+                example = tokenize_chat(tokenizer, messages, max_length, stats)
+            except LLMTrainError as e:
+                error, refused = str(e), True
+        columns["error"].append(error)
+        columns["kept"].append(example is not None)
+        columns["input_ids"].append(example.input_ids if example is not None else [])
+        columns["labels"].append(example.labels if example is not None else [])
+        for name in _STATS_FIELDS:
+            columns[name].append(getattr(stats, name))
+    return columns
 
 
 def check_verified(unverified: int, rows: int, reason: str, source: str) -> None:

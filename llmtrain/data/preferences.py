@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from llmtrain.data.chat import (
     collate_padded,
     tool_turn_error,
 )
+from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 
@@ -239,30 +240,101 @@ class PairStats:
 
 
 def tokenize_pairs(
-    tokenizer, pairs: Sequence[PreferencePair], max_length: int, source: str = "the data"
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    max_length: int,
+    source: str = "the data",
+    strict: bool = True,
+    *,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+    min_rows: int | None = None,
 ) -> tuple[list[TokenizedPair], PairStats]:
-    """Tokenize both sides of every pair; truncate right while both keep an answer token, else drop the pair."""
-    stats, kept = PairStats(), []
-    for n, pair in enumerate(pairs, 1):
-        stats.rows += 1
-        try:
-            chosen, rejected = (answer_example(tokenizer, pair.prompt, side) for side in (pair.chosen, pair.rejected))
-        except Unverifiable as e:
-            stats.unverified += 1
-            stats.unverified_reason = stats.unverified_reason or str(e)
-            continue
-        except LLMTrainError as e:
-            raise LLMTrainError(f"{source}, row {n}: {e}") from None
-        if max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
-            chosen, rejected = _truncate(chosen, max_length), _truncate(rejected, max_length)
-            # Both sides share the prompt, so in practice this drops pairs whose prompt alone fills max_length.
-            if not (_has_answer(chosen) and _has_answer(rejected)):
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-        kept.append(TokenizedPair(chosen, rejected))
-    check_verified(stats.unverified, stats.rows, stats.unverified_reason, source)
+    """Tokenize both sides of every pair; truncate right while both keep an answer token, else drop the pair.
+    `strict`: more than a small share of unverifiable pairs is an error. From `min_rows` pairs on (default
+    `prepare.MIN_CACHED_ROWS`) the pairs are tokenized with `datasets.map` in `num_proc` processes and cached
+    under `cache_dir`; see `llmtrain.data.prepare`."""
+    items = [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs]
+    params = {"max_length": max_length}
+    columns = prepare_columns(
+        "pairs", tokenizer, items, _pair_columns, _PAIR_SCHEMA, params, num_proc, cache_dir, min_rows
+    )
+    raise_first_error(columns, source)
+    stats = PairStats()
+    add_row_stats(stats, columns)
+    with gc_paused():
+        kept = [
+            TokenizedPair(Example(chosen_ids, chosen_labels), Example(rejected_ids, rejected_labels))
+            for keep, chosen_ids, chosen_labels, rejected_ids, rejected_labels in zip(
+                columns["kept"],
+                columns["chosen_input_ids"],
+                columns["chosen_labels"],
+                columns["rejected_input_ids"],
+                columns["rejected_labels"],
+            )
+            if keep
+        ]
+    if strict:
+        check_verified(stats.unverified, stats.rows, stats.unverified_reason, source)
     return kept, stats
+
+
+def _tokenize_pair(
+    tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_length: int, stats: PairStats
+) -> TokenizedPair | None:
+    """One pair under the length rule, counted in `stats`; None when unverifiable or dropped."""
+    stats.rows += 1
+    try:
+        chosen_ex, rejected_ex = (answer_example(tokenizer, prompt, side) for side in (chosen, rejected))
+    except Unverifiable as e:
+        stats.unverified += 1
+        stats.unverified_reason = stats.unverified_reason or str(e)
+        return None
+    if max(len(chosen_ex.input_ids), len(rejected_ex.input_ids)) > max_length:
+        chosen_ex, rejected_ex = _truncate(chosen_ex, max_length), _truncate(rejected_ex, max_length)
+        # Both sides share the prompt, so in practice this drops pairs whose prompt alone fills max_length.
+        if not (_has_answer(chosen_ex) and _has_answer(rejected_ex)):
+            stats.dropped += 1
+            return None
+        stats.truncated += 1
+    return TokenizedPair(chosen_ex, rejected_ex)
+
+
+_STATS_FIELDS = [f.name for f in fields(PairStats)]
+_PAIR_SCHEMA = {
+    "error": "str",
+    "kept": "bool",
+    "chosen_input_ids": "ids",
+    "chosen_labels": "ids",
+    "rejected_input_ids": "ids",
+    "rejected_labels": "ids",
+    **{f.name: "str" if f.type == "str" else "int" for f in fields(PairStats)},
+}
+
+
+def _pair_columns(items: list[list[list[dict]]], tokenizer, max_length: int) -> dict[str, list]:
+    """`_tokenize_pair` on each [prompt, chosen, rejected]: both sides (if kept), the pair's own PairStats, or
+    the error that refused it (the rows after a refused one are skipped; the refusal is what the caller raises)."""
+    columns: dict[str, list] = {name: [] for name in _PAIR_SCHEMA}
+    refused = False
+    for prompt, chosen, rejected in items:
+        stats, pair, error = PairStats(), None, ""
+        if refused:
+            error = SKIPPED
+        else:
+            try:
+                pair = _tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, stats)
+            except LLMTrainError as e:
+                error, refused = str(e), True
+        columns["error"].append(error)
+        columns["kept"].append(pair is not None)
+        for side in ("chosen", "rejected"):
+            example = getattr(pair, side) if pair is not None else Example([], [])
+            columns[f"{side}_input_ids"].append(example.input_ids)
+            columns[f"{side}_labels"].append(example.labels)
+        for name in _STATS_FIELDS:
+            columns[name].append(getattr(stats, name))
+    return columns
 
 
 def answer_example(tokenizer, prompt: list[dict], answer: list[dict]) -> Example:

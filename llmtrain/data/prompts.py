@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.data.chat import _hub_rows, _local_rows, _message_list
+from llmtrain.data.prepare import SKIPPED, prepare_columns, raise_first_error
 from llmtrain.data.template import chat_format
 from llmtrain.errors import LLMTrainError
 
@@ -79,21 +80,51 @@ class PromptStats:
 
 
 def tokenize_prompts(
-    tokenizer, conversations: list[list[dict]], max_prompt_tokens: int, source: str = "the prompts"
+    tokenizer,
+    conversations: list[list[dict]],
+    max_prompt_tokens: int,
+    source: str = "the prompts",
+    *,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+    min_rows: int | None = None,
 ) -> tuple[list[list[int]], list[list[dict]], PromptStats]:
     """Render each conversation with the chat template plus the assistant header; drop those over the budget.
-    Returns the kept token rows, their conversations, and the counts."""
+    Returns the kept token rows, their conversations, and the counts. From `min_rows` conversations on (default
+    `prepare.MIN_CACHED_ROWS`) they are tokenized with `datasets.map` in `num_proc` processes and cached under
+    `cache_dir` (before the budget is applied, so the cache does not depend on it); see `llmtrain.data.prepare`."""
     stats = PromptStats(rows=len(conversations))
-    fmt = chat_format(tokenizer)
+    chat_format(tokenizer)  # a template that cannot be used is an error before any row
+    columns = prepare_columns(
+        "prompts", tokenizer, conversations, _prompt_columns, _PROMPT_SCHEMA, {}, num_proc, cache_dir, min_rows
+    )
+    raise_first_error(columns, source)
     ids, kept = [], []
-    for n, messages in enumerate(conversations, 1):
-        try:
-            row = fmt.prompt_ids(messages)
-        except LLMTrainError as e:
-            raise LLMTrainError(f"{source}, row {n}: {e}") from None
+    for row, messages in zip(columns["input_ids"], conversations):
         if len(row) > max_prompt_tokens:
             stats.dropped += 1
             continue
         ids.append(row)
         kept.append(messages)
     return ids, kept, stats
+
+
+_PROMPT_SCHEMA = {"error": "str", "input_ids": "ids"}
+
+
+def _prompt_columns(conversations: list[list[dict]], tokenizer) -> dict[str, list]:
+    """The prompt ids of each conversation, or the error that refused it (the rows after a refused one are
+    skipped; the refusal is what the caller raises)."""
+    fmt = chat_format(tokenizer)
+    columns: dict[str, list] = {"error": [], "input_ids": []}
+    refused = False
+    for messages in conversations:
+        row, error = [], SKIPPED if refused else ""
+        if not refused:
+            try:
+                row = fmt.prompt_ids(messages)
+            except LLMTrainError as e:
+                error, refused = str(e), True
+        columns["error"].append(error)
+        columns["input_ids"].append(row)
+    return columns

@@ -40,7 +40,7 @@ from llmtrain.data.prompts import load_prompts, question_of, tokenize_prompts
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.distributed import full_state_dict, micro_step, prepare_frozen, process_share, root_gathered
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import resolve_checker
 from llmtrain.flops import parameter_count
 from llmtrain.generate import chat_replies, sample_tokens, stop_token_ids
@@ -122,14 +122,15 @@ def run(cfg: PpoConfig) -> Path:
     # ---- prompts
     train_rows, eval_rows = train_and_eval_rows(cfg, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
     prompt_budget = cfg.max_length - cfg.max_new_tokens
-    prompt_ids, prompts, stats = tokenize_prompts(tokenizer, train_rows, prompt_budget, cfg.data)
+    prep = dict(num_proc=cfg.num_proc, cache_dir=cfg.cache_dir)
+    with accelerator.main_process_first():  # the main process tokenizes and caches; the others then load the cache
+        prompt_ids, prompts, stats = tokenize_prompts(tokenizer, train_rows, prompt_budget, cfg.data, **prep)
+        eval_kept = tokenize_prompts(tokenizer, eval_rows, prompt_budget, f"{cfg.eval_data} (held out)", **prep)[1]
     if not prompt_ids:
         raise LLMTrainError(
             f"No prompt of {cfg.data} fits in max_length - max_new_tokens = {prompt_budget} tokens; raise --max_length."
         )
-    eval_prompts = tokenize_prompts(tokenizer, eval_rows, prompt_budget, f"{cfg.eval_data} (held out)")[1][
-        : cfg.task_eval_rows
-    ]
+    eval_prompts = eval_kept[: cfg.task_eval_rows]
     checker = resolve_checker(cfg.task, [question_of(p) for p in eval_prompts])
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompt_ids) / global_batch))
@@ -274,7 +275,9 @@ def run(cfg: PpoConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except Exception:
+    except RunInterrupted:
+        raise  # a checkpoint was saved: the run stays resumable
+    except Exception:  # a user error or a crash: the run is marked failed, not left "running"
         run.update(status="failed")
         raise
     finally:

@@ -25,7 +25,7 @@ from llmtrain.data.corpus import (
 )
 from llmtrain.data.windows import TokenWindows
 from llmtrain.distributed import full_state_dict, micro_step
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import evaluate_lm
 from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count, peak_flops
 from llmtrain.generate import sample
@@ -199,7 +199,9 @@ def run(cfg: PretrainConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, train_state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except Exception:
+    except RunInterrupted:
+        raise  # a checkpoint was saved: the run stays resumable
+    except Exception:  # a user error or a crash: the run is marked failed, not left "running"
         run.update(status="failed")
         raise
     finally:

@@ -21,7 +21,7 @@ from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.data.template import Unverifiable, chat_format
 from llmtrain.distributed import full_state_dict, micro_step, process_share
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.losses import bradley_terry_loss
@@ -63,8 +63,10 @@ def run(cfg: RewardConfig) -> Path:
 
     # ---- data
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
-    train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length, cfg.data)
-    held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length, f"{cfg.eval_data} (held out)")
+    prep = dict(num_proc=cfg.num_proc, cache_dir=cfg.cache_dir)
+    with accelerator.main_process_first():  # the main process tokenizes and caches; the others then load the cache
+        train, stats = tokenize_pairs(tokenizer, train_pairs, cfg.max_length, cfg.data, **prep)
+        held_out, _ = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length, f"{cfg.eval_data} (held out)", **prep)
     if not train:
         raise LLMTrainError(f"No preference pair of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
     global_batch = cfg.batch_size * world
@@ -154,7 +156,9 @@ def run(cfg: RewardConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except Exception:
+    except RunInterrupted:
+        raise  # a checkpoint was saved: the run stays resumable
+    except Exception:  # a user error or a crash: the run is marked failed, not left "running"
         run.update(status="failed")
         raise
     finally:

@@ -27,7 +27,7 @@ from llmtrain.data.chat import (
 from llmtrain.data.schedule import batch_indices
 from llmtrain.data.splits import train_and_eval_rows
 from llmtrain.distributed import full_state_dict, micro_step
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.evaluate import chat_eval_loss, distributed_task_accuracy, resolve_checker
 from llmtrain.flops import parameter_count
 from llmtrain.generate import stop_token_ids
@@ -71,8 +71,10 @@ def run(cfg: SftConfig) -> Path:
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
     train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
-    train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length, cfg.data)
-    eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length, f"{cfg.eval_data} (held out)")
+    prep = dict(num_proc=cfg.num_proc, cache_dir=cfg.cache_dir)
+    with accelerator.main_process_first():  # the main process tokenizes and caches; the others then load the cache
+        train_examples, train_stats = tokenize_dataset(tokenizer, train_rows, cfg.max_length, cfg.data, **prep)
+        eval_examples, _ = tokenize_dataset(tokenizer, eval_rows, cfg.max_length, f"{cfg.eval_data} (held out)", **prep)
     if not train_examples:
         raise LLMTrainError(f"No training example of {cfg.data} fits in max_length={cfg.max_length}; raise it.")
     items = pack_examples(train_examples, cfg.max_length) if cfg.packing else train_examples
@@ -194,7 +196,9 @@ def run(cfg: SftConfig) -> Path:
             run.checkpoint_after_step(
                 accelerator, step, total_steps, state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
             )
-    except Exception:
+    except RunInterrupted:
+        raise  # a checkpoint was saved: the run stays resumable
+    except Exception:  # a user error or a crash: the run is marked failed, not left "running"
         run.update(status="failed")
         raise
     finally:
