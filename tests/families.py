@@ -78,63 +78,148 @@ class Family:
 QWEN = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SPECS: dict[str, Family] = {
     "qwen2.5": Family(
-        "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "Qwen2Tokenizer", eos="<|im_end|>", pad="<|endoftext|>",
-        gen_eos=("<|im_end|>", "<|endoftext|>"), end_of_turn="<|im_end|>", last=QWEN,
-        plain=("<tool_call>", "</tool_call>"), template="qwen2_5.jinja", vocab_multiple=64,
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "qwen2",
+        "Qwen2Tokenizer",
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        end_of_turn="<|im_end|>",
+        last=QWEN,
+        plain=("<tool_call>", "</tool_call>"),
+        template="qwen2_5.jinja",
+        vocab_multiple=64,
         generation=dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1),
     ),
     "qwen3": Family(
-        "Qwen/Qwen3-0.6B", "qwen3", "Qwen2Tokenizer", eos="<|im_end|>", pad="<|endoftext|>",
-        gen_eos=("<|im_end|>", "<|endoftext|>"), end_of_turn="<|im_end|>", last=QWEN,
-        plain=("<tool_call>", "</tool_call>", "<think>", "</think>"), template="qwen3.jinja", vocab_multiple=64,
-        config=dict(head_dim=16), generation=dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20),
+        "Qwen/Qwen3-0.6B",
+        "qwen3",
+        "Qwen2Tokenizer",
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        end_of_turn="<|im_end|>",
+        last=QWEN,
+        plain=("<tool_call>", "</tool_call>", "<think>", "</think>"),
+        template="qwen3.jinja",
+        vocab_multiple=64,
+        config=dict(head_dim=16),
+        generation=dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20),
     ),
     "llama3.2": Family(
-        "meta-llama/Llama-3.2-1B-Instruct", "llama", "PreTrainedTokenizerFast", bos="<|begin_of_text|>",
-        eos="<|eot_id|>", gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), end_of_turn="<|eot_id|>",
-        last=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-              "<|eot_id|>", "<|python_tag|>"),
-        add_bos=True, template="llama3_2.jinja", generation=dict(do_sample=True, temperature=0.6, top_p=0.9),
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "llama",
+        "PreTrainedTokenizerFast",
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        end_of_turn="<|eot_id|>",
+        last=(
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ),
+        add_bos=True,
+        template="llama3_2.jinja",
+        generation=dict(do_sample=True, temperature=0.6, top_p=0.9),
     ),
     "smollm2": Family(
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", "GPT2Tokenizer", bos="<|im_start|>", eos="<|im_end|>",
-        pad="<|im_end|>", unk="<|endoftext|>", gen_eos=("<|im_end|>",), end_of_turn="<|im_end|>", first=QWEN,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "llama",
+        "GPT2Tokenizer",
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        pad="<|im_end|>",
+        unk="<|endoftext|>",
+        gen_eos=("<|im_end|>",),
+        end_of_turn="<|im_end|>",
+        first=QWEN,
         template=SMOLLM2_TEMPLATE,
     ),
     "mistral": Family(
-        "mistralai/Mistral-7B-Instruct-v0.1", "mistral", "LlamaTokenizer", bos="<s>", eos="</s>", unk="<unk>",
-        gen_eos=("</s>",), end_of_turn="</s>", first=("<unk>", "<s>", "</s>"), add_bos=True,
-        template=MISTRAL_V01_TEMPLATE, tied=False,
+        "mistralai/Mistral-7B-Instruct-v0.1",
+        "mistral",
+        "LlamaTokenizer",
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        gen_eos=("</s>",),
+        end_of_turn="</s>",
+        first=("<unk>", "<s>", "</s>"),
+        add_bos=True,
+        template=MISTRAL_V01_TEMPLATE,
+        tied=False,
     ),
     "gemma2": Family(
-        "google/gemma-2-2b-it", "gemma2", "GemmaTokenizer", bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
-        gen_eos=("<eos>", "<end_of_turn>"), end_of_turn="<end_of_turn>",
-        first=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"), add_bos=True,
-        template="gemma.jinja", config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128),
+        "google/gemma-2-2b-it",
+        "gemma2",
+        "GemmaTokenizer",
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        gen_eos=("<eos>", "<end_of_turn>"),
+        end_of_turn="<end_of_turn>",
+        first=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+        add_bos=True,
+        template="gemma.jinja",
+        config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128),
         generation=dict(cache_implementation="hybrid"),
         # Gemma 2 soft-caps attention logits, so Gemma2PreTrainedModel has _supports_sdpa = False: a plain
         # from_pretrained silently picks "eager" (no config field needed), attn_implementation="sdpa" raises
         # ValueError "Gemma2ForCausalLM does not support an attention implementation through ... sdpa yet".
     ),
     "gemma3": Family(
-        "google/gemma-3-1b-it", "gemma3_text", "GemmaTokenizer", bos="<bos>", eos="<eos>", pad="<pad>",
-        unk="<unk>", gen_eos=("<eos>", "<end_of_turn>"), end_of_turn="<end_of_turn>",
-        first=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"), add_bos=True,
-        template="gemma3.jinja", config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                           layer_types=["sliding_attention", "full_attention"]),
+        "google/gemma-3-1b-it",
+        "gemma3_text",
+        "GemmaTokenizer",
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        gen_eos=("<eos>", "<end_of_turn>"),
+        end_of_turn="<end_of_turn>",
+        first=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+        add_bos=True,
+        template="gemma3.jinja",
+        config=dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         generation=dict(cache_implementation="hybrid", do_sample=True, top_k=64, top_p=0.95),
     ),
     "phi3": Family(
-        "microsoft/Phi-3-mini-4k-instruct", "phi3", "LlamaTokenizer", bos="<s>", eos="<|endoftext|>",
-        pad="<|endoftext|>", unk="<unk>", gen_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"),
-        end_of_turn="<|end|>", first=("<unk>", "<s>", "</s>"),
+        "microsoft/Phi-3-mini-4k-instruct",
+        "phi3",
+        "LlamaTokenizer",
+        bos="<s>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        unk="<unk>",
+        gen_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"),
+        end_of_turn="<|end|>",
+        first=("<unk>", "<s>", "</s>"),
         last=("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
-        rstrip=("</s>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"), template="phi3.jinja", tied=False,
+        rstrip=("</s>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
+        template="phi3.jinja",
+        tied=False,
         vocab_multiple=64,
     ),
     "gpt2": Family(
-        "openai-community/gpt2", "gpt2", "GPT2Tokenizer", bos="<|endoftext|>", eos="<|endoftext|>",
-        unk="<|endoftext|>", gen_eos=("<|endoftext|>",), last=("<|endoftext|>",),
+        "openai-community/gpt2",
+        "gpt2",
+        "GPT2Tokenizer",
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        unk="<|endoftext|>",
+        gen_eos=("<|endoftext|>",),
+        last=("<|endoftext|>",),
         config=dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512),
     ),
 }
@@ -180,13 +265,16 @@ def build_tokenizer(spec: Family) -> PreTrainedTokenizerBase:
     if spec.tokenizer == "PreTrainedTokenizerFast":
         pipeline.model = models.BPE(vocab, merges)
         pipeline.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in spec.last])
-        pipeline.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos}:1 $B:1",
-                special_tokens=[(spec.bos, pipeline.token_to_id(spec.bos))],
-            ),
-        ])
+        pipeline.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{spec.bos} $A",
+                    pair=f"{spec.bos} $A {spec.bos}:1 $B:1",
+                    special_tokens=[(spec.bos, pipeline.token_to_id(spec.bos))],
+                ),
+            ]
+        )
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=pipeline, **names)
     else:
         extra = dict(add_bos_token=True) if spec.add_bos else {}
@@ -204,19 +292,34 @@ def build_tokenizer(spec: Family) -> PreTrainedTokenizerBase:
 
 def build_model(spec: Family, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     """A seeded random 2-layer model of the family's architecture whose ids agree with the tokenizer."""
-    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(getattr(spec, name)) if getattr(spec, name) else None
-           for name in ("bos", "eos", "pad")}
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(getattr(spec, name)) if getattr(spec, name) else None
+        for name in ("bos", "eos", "pad")
+    }
     vocab_size = math.ceil(len(tokenizer) / spec.vocab_multiple) * spec.vocab_multiple
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512) if spec.model_type != "gpt2" else {}
-    config = AutoConfig.for_model(spec.model_type, vocab_size=vocab_size, tie_word_embeddings=spec.tied,
-                                  **shape, **ids, **spec.config)
+    shape = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+        if spec.model_type != "gpt2"
+        else {}
+    )
+    config = AutoConfig.for_model(
+        spec.model_type, vocab_size=vocab_size, tie_word_embeddings=spec.tied, **shape, **ids, **spec.config
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     eos = [tokenizer.convert_tokens_to_ids(token) for token in spec.gen_eos]
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token_id"], pad_token_id=ids["pad_token_id"],
-        eos_token_id=eos if len(eos) > 1 else eos[0], **spec.generation,
+        bos_token_id=ids["bos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=eos if len(eos) > 1 else eos[0],
+        **spec.generation,
     )
     return model
 

@@ -15,33 +15,97 @@ GEMMA_TURNS = "<start_of_turn>user\n{}What is 2 + 3?<end_of_turn>\n<start_of_tur
 
 # name: architecture, bos, eos, pad, generation eos, special tokens, trl template, [system?, user, assistant] rendered
 PUBLISHED = {
-    "qwen2.5": ("Qwen2ForCausalLM", None, "<|im_end|>", "<|endoftext|>", ["<|im_end|>", "<|endoftext|>"],
-                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "qwen2_5.jinja", CHATML + "2 + 3 = 5<|im_end|>\n"),
-    "qwen3": ("Qwen3ForCausalLM", None, "<|im_end|>", "<|endoftext|>", ["<|im_end|>", "<|endoftext|>"],
-              ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "qwen3.jinja",
-              CHATML + "<think>\n\n</think>\n\n2 + 3 = 5<|im_end|>\n"),
-    "llama3.2": ("LlamaForCausalLM", "<|begin_of_text|>", "<|eot_id|>", None,
-                 ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-                 ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|eom_id|>", "<|python_tag|>"], "llama3_2.jinja",
-                 "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-                 "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-                 "What is 2 + 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n2 + 3 = 5<|eot_id|>"),
-    "smollm2": ("LlamaForCausalLM", "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|im_end|>",
-                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, CHATML + "2 + 3 = 5<|im_end|>\n"),
-    "mistral": ("MistralForCausalLM", "<s>", "</s>", None, "</s>", ["<unk>", "<s>", "</s>"], None,
-                "<s>[INST] What is 2 + 3? [/INST]2 + 3 = 5</s>"),
-    "gemma2": ("Gemma2ForCausalLM", "<bos>", "<eos>", "<pad>", ["<eos>", "<end_of_turn>"],
-               ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "gemma.jinja",
-               "<bos>" + GEMMA_TURNS.format("")),
-    "gemma3": ("Gemma3ForCausalLM", "<bos>", "<eos>", "<pad>", ["<eos>", "<end_of_turn>"],
-               ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "gemma3.jinja",
-               "<bos>" + GEMMA_TURNS.format("Be brief.\n\n")),
-    "phi3": ("Phi3ForCausalLM", "<s>", "<|endoftext|>", "<|endoftext|>", ["<|endoftext|>", "<|assistant|>", "<|end|>"],
-             ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
-             "phi3.jinja", "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n"
-             "2 + 3 = 5<|end|>\n<|endoftext|>"),
+    "qwen2.5": (
+        "Qwen2ForCausalLM",
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        ["<|im_end|>", "<|endoftext|>"],
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "qwen2_5.jinja",
+        CHATML + "2 + 3 = 5<|im_end|>\n",
+    ),
+    "qwen3": (
+        "Qwen3ForCausalLM",
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        ["<|im_end|>", "<|endoftext|>"],
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "qwen3.jinja",
+        CHATML + "<think>\n\n</think>\n\n2 + 3 = 5<|im_end|>\n",
+    ),
+    "llama3.2": (
+        "LlamaForCausalLM",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|python_tag|>",
+        ],
+        "llama3_2.jinja",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+        "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "What is 2 + 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n2 + 3 = 5<|eot_id|>",
+    ),
+    "smollm2": (
+        "LlamaForCausalLM",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        CHATML + "2 + 3 = 5<|im_end|>\n",
+    ),
+    "mistral": (
+        "MistralForCausalLM",
+        "<s>",
+        "</s>",
+        None,
+        "</s>",
+        ["<unk>", "<s>", "</s>"],
+        None,
+        "<s>[INST] What is 2 + 3? [/INST]2 + 3 = 5</s>",
+    ),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        ["<eos>", "<end_of_turn>"],
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "gemma.jinja",
+        "<bos>" + GEMMA_TURNS.format(""),
+    ),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        ["<eos>", "<end_of_turn>"],
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "gemma3.jinja",
+        "<bos>" + GEMMA_TURNS.format("Be brief.\n\n"),
+    ),
+    "phi3": (
+        "Phi3ForCausalLM",
+        "<s>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        ["<|endoftext|>", "<|assistant|>", "<|end|>"],
+        ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
+        "phi3.jinja",
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n2 + 3 = 5<|end|>\n<|endoftext|>",
+    ),
     "gpt2": ("GPT2LMHeadModel", "<|endoftext|>", "<|endoftext|>", None, "<|endoftext|>", ["<|endoftext|>"], None, None),
 }
 REFUSE_SYSTEM = {"mistral", "gemma2"}
@@ -77,8 +141,11 @@ def test_chat_template_renders_as_published(family_models, name):
     if rendered is None:
         assert tok.chat_template is None
         return
-    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
-            {"role": "assistant", "content": ASSISTANT}]
+    chat = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": USER},
+        {"role": "assistant", "content": ASSISTANT},
+    ]
     if name in REFUSE_SYSTEM:
         with pytest.raises(Exception, match="upported|alternate"):
             tok.apply_chat_template(chat, tokenize=False)
