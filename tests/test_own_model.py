@@ -171,3 +171,15 @@ def test_every_reader_scores_an_answer_at_its_end_of_turn_where_pad_is_eos(name,
         from_rollout = RewardSource(name, model=model, tokenizer=tokenizer, same_tokens=True).score(rollout, 2)
     for scores in (scored, trained.tolist(), from_rollout.tolist()):
         assert scores == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_continued_pretraining_keeps_the_models_own_end_of_sequence_ids(family_models, small_corpus, tmp_path):
+    from conftest import tiny_config
+
+    from llmtrain.stages import pretrain
+
+    model_dir = str(family_models["llama3.2"])
+    own = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    assert len(own) == 3
+    cfg = tiny_config(tmp_path, small_corpus, preset=model_dir, run_name="more", max_steps=2, eval_every=0)
+    assert GenerationConfig.from_pretrained(pretrain.run(cfg)).eos_token_id == own

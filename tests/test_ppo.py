@@ -301,5 +301,5 @@ def test_a_crash_inside_the_loop_marks_the_run_failed_not_running(sft_run, monke
 
     monkeypatch.setattr(ppo, "score_rollout", crash)
     with pytest.raises(RuntimeError, match="a bug"):
-        ppo.run(ppo_config(sft_run.parent, run_name="ppo-crash", max_steps=1, task_eval_rows=2))
-    assert manifest(sft_run.parent / "ppo-crash")["status"] == "failed"
+        ppo.run(ppo_config(sft_run.parent, run_name="ppo-bug", max_steps=1, task_eval_rows=2))
+    assert manifest(sft_run.parent / "ppo-bug")["status"] == "failed"

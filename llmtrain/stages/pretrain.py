@@ -216,7 +216,8 @@ def run(cfg: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
+        if raw_model.generation_config.eos_token_id is None:  # a model's own end-of-sequence ids are kept
+            raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
         raw_model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, run.path)
