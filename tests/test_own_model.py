@@ -80,10 +80,24 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
     # Scores are read at the last token that is not padding: an answer's end of turn, never the padding.
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id != end_of_turn
 
+    adapter = i % 3 == 0  # LoRA, saved as an adapter rather than merged
     dpo_dir = dpo.run(
-        DpoConfig(**_common(runs, "sft", "dpo"), **POLICY, judge="rm", lora=i % 3 == 0, **data(task_files, "prefs"))
+        DpoConfig(
+            **_common(runs, "sft", "dpo"),
+            **POLICY,
+            judge="rm",
+            lora=adapter,
+            merge_lora=not adapter,
+            **data(task_files, "prefs"),
+        )
     )
-    assert end_of_turn in AutoModelForCausalLM.from_pretrained(dpo_dir).generation_config.eos_token_id
+    if adapter:
+        from peft import AutoPeftModelForCausalLM
+
+        assert (dpo_dir / "adapter_config.json").is_file()
+        assert end_of_turn in AutoPeftModelForCausalLM.from_pretrained(dpo_dir).generation_config.eos_token_id
+    else:
+        assert end_of_turn in AutoModelForCausalLM.from_pretrained(dpo_dir).generation_config.eos_token_id
 
     prompts = data(task_files, "prompts")
     ppo_steps = {**_common(runs, "sft", "ppo"), **POLICY, "num_mini_batches": 1, "ppo_epochs": 1}
@@ -100,7 +114,7 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
     generate = ["generate", "sft", "--prompt", "2 + 2 =", "--max_new_tokens", "4", "--greedy"]
     assert main([*generate, "--runs_dir", runs]) == 0
     assert main(["score", "rm", "--prompt", "What is 2 + 2?", "--response", "4", "--runs_dir", runs]) == 0
-    assert main(["push", "dpo", "--repo_id", "user/tiny", "--dry_run", "--runs_dir", runs]) == 0
+    assert main(["push", "sft", "--repo_id", "user/tiny", "--dry_run", "--runs_dir", runs]) == 0
     staged = Path(capsys.readouterr().out.split("upload to user/tiny: ")[1].splitlines()[0])
     assert AutoModelForCausalLM.from_pretrained(staged).config.architectures == tuned.config.architectures
 
