@@ -125,6 +125,33 @@ def test_a_folder_of_jsonl_json_and_parquet_files_is_read_in_file_order(tmp_path
     assert len(load_chat_rows(str(tmp_path), max_rows=2)) == 2
 
 
+def test_text_that_is_not_utf8_is_an_error_naming_the_encoding_never_replacement_characters(tmp_path):
+    row = {"prompt": "Café?", "response": "Oui"}
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n").encode())
+    assert load_chat_rows(str(bom))[0][0]["content"] == "Café?"  # a UTF-8 byte-order mark is fine
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(('{"prompt": "a", "response": "b"}\n' + json.dumps(row, ensure_ascii=False)).encode("latin-1"))
+    with pytest.raises(LLMTrainError, match=r"latin.jsonl, line 2: not UTF-8 text \(byte 0xe9.*iconv -f LATIN1"):
+        load_chat_rows(str(latin))
+    for name in ("utf16.jsonl", "utf16.json"):
+        (tmp_path / name).write_bytes(json.dumps([row]).encode("utf-16"))
+        with pytest.raises(LLMTrainError, match=f"{name} is UTF-16 text.*must be UTF-8.*iconv -f UTF-16"):
+            load_chat_rows(str(tmp_path / name))
+
+
+def test_an_empty_training_or_held_out_file_says_it_holds_no_rows(tmp_path):
+    from llmtrain.config import SftConfig
+    from llmtrain.data.splits import train_and_eval_rows
+
+    empty, full = tmp_path / "empty.jsonl", SAMPLES / "sft_messages.jsonl"
+    empty.write_text("\n\n")
+    for data, eval_data in ((empty, full), (full, empty)):
+        cfg = SftConfig(data=str(data), eval_data=str(eval_data), runs_dir=str(tmp_path))
+        with pytest.raises(LLMTrainError, match="empty.jsonl holds no rows"):
+            train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+
+
 def test_a_line_that_is_not_json_is_reported_with_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "response": "r"}, "", '{"prompt": "p",'])
     with pytest.raises(LLMTrainError, match=r"data\.jsonl, line 3: not valid JSON"):

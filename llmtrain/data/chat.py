@@ -75,8 +75,9 @@ def _local_rows(spec: str) -> Iterator[tuple[Any, str]]:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
     # Read line by line ourselves (not with `datasets`) so every error can name the exact line.
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -91,7 +92,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
 def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
     # A .json file is either one array of rows or, as `datasets` also allows, JSON lines.
     try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        data = json.loads(_utf8(path.read_bytes(), path))
     except json.JSONDecodeError:
         yield from _jsonl_rows(path)
         return
@@ -102,6 +103,25 @@ def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
         )
     for i, row in enumerate(data, 1):
         yield row, f"{path}, row {i}"
+
+
+def _utf8(raw: bytes, path: Path, lineno: int | None = None) -> str:
+    """Bytes as UTF-8 text (a leading byte-order mark dropped); anything else is an error naming the encoding,
+    never text with replacement characters trained in silence."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and lineno in (None, 1):
+        raise LLMTrainError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); data files must be UTF-8. Convert "
+            f"it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > converted.jsonl`."
+        )
+    try:
+        return raw.decode("utf-8-sig" if lineno in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}, line {lineno}" if lineno else str(path)
+        raise LLMTrainError(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} of the "
+            f"{'line' if lineno else 'file'}); data files must be UTF-8. Convert the file (e.g. from Latin-1: "
+            f"`iconv -f LATIN1 -t UTF-8 {path} > converted.jsonl`) or fix that line."
+        ) from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[Any, str]]:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from llmtrain.data.corpus import default_data_dir
+from llmtrain.errors import LLMTrainError
 from llmtrain.runtime import cache_dir
 
 Row = TypeVar("Row")
@@ -23,11 +24,17 @@ def train_and_eval_rows(
     """Load the training rows and the held-out rows; `load(spec, split, dataset_config, max_rows)` reads one source."""
     default_dir = default_data_dir(cache_dir(cfg.cache_dir))
     train_spec = str(default_dir / default_train) if cfg.data == "default" else cfg.data
-    rows = load(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows)
+    rows = _nonempty(load(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows), train_spec)
     if cfg.eval_data == "default" and cfg.data == "default":
         return rows, load(str(default_dir / default_eval))
     if cfg.eval_data not in (None, "default"):
-        return rows, load(cfg.eval_data, cfg.eval_split, cfg.dataset_config)
+        return rows, _nonempty(load(cfg.eval_data, cfg.eval_split, cfg.dataset_config), cfg.eval_data)
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     held = set(order[: max(1, round(cfg.val_fraction * len(rows)))].tolist())
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _nonempty(rows: list[Row], spec: str) -> list[Row]:
+    if not rows:
+        raise LLMTrainError(f"{spec} holds no rows (the file is empty, or only blank lines). Give a file with rows.")
+    return rows
