@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine were 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
     """Token shards and tokenizers go to a per-session folder, never to ~/.cache."""

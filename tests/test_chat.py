@@ -24,6 +24,8 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.registry import preset_config
 from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
+
 SAMPLES = REPO_DATA_DIR / "samples"
 SFT_FILES = ("sft_prompt_response.jsonl", "sft_messages.jsonl", "sft_alpaca.jsonl")
 SYSTEM = "You are a careful arithmetic tutor. Answer with the full equation."
@@ -34,15 +36,6 @@ MULTI_TURN = [
     {"role": "user", "content": "What is 76 - 47?"},
     {"role": "assistant", "content": "76 - 47 = 29"},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine were 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,10 @@ from llmtrain.registry import read_manifest
 from llmtrain.stages import dpo, ppo, reward, sft
 from llmtrain.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
+
 STEPS = dict(batch_size=4, max_steps=2, max_length=96, eval_every=0, log_every=1, save_every=0, warmup_steps=0)
 POLICY = dict(task_eval_rows=4, max_new_tokens=4, num_samples=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.registry import preset_config
 from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
+
 SAMPLES = REPO_DATA_DIR / "samples"
 PREF_FILES = ("prefs.jsonl", "prefs_messages.jsonl", "prefs_hh.jsonl")
 HH = "\n\nHuman: What is 2 + 2?\n\nAssistant: {}"  # an HH-RLHF conversation with the answer left open
@@ -44,15 +46,6 @@ MULTI_TURN = PreferencePair(
     chosen=[assistant("61 + 58 = 119")],
     rejected=[assistant("61 + 58 = 129")],
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine were 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 import llmtrain.data.chat as chat
 import llmtrain.data.preferences as preferences
@@ -15,6 +14,8 @@ from llmtrain.data.prompts import load_prompts, tokenize_prompts
 from llmtrain.data.template import ChatFormat
 from llmtrain.errors import LLMTrainError
 from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 ROWS = 300
 LOOP = {"min_rows": 10**9}  # the plain loop in this process
@@ -29,14 +30,6 @@ REFUSING_TEMPLATE = CHAT_TEMPLATE.replace(
     "{%- for message in messages -%}{%- if 'FORBIDDEN' in message['content'] -%}"
     "{{ raise_exception('FORBIDDEN is not allowed') }}{%- endif -%}",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
