@@ -71,7 +71,7 @@ def test_the_cpu_config_really_starts_two_processes(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # The two processes share stdout, so their lines may run together.
-    found = sorted(re.findall(r"rank \d world \d \w+", out.stdout))
+    found = sorted(re.findall(r"rank \d world \d [A-Z_]+", out.stdout))  # "MULTI_CPUrank 1 ..."
     assert found == ["rank 0 world 2 MULTI_CPU", "rank 1 world 2 MULTI_CPU"]
 
 
