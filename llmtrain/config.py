@@ -142,7 +142,7 @@ class FinetuneConfig(RunConfig):
     max_length: int = field(default=128, metadata={"help": "Longer examples are truncated, or dropped."})
     num_proc: int | None = field(
         default=None,
-        metadata={"help": "Tokenizing processes (default: one per 5,000 rows, at most the CPU count)."},
+        metadata={"help": "Tokenizing processes (default: one per 2,000 rows, at most the CPU count)."},
     )
     # model
     lora: bool = False
