@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error
+from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 
@@ -357,7 +357,7 @@ _CHAT_SCHEMA = {
     "kept": "bool",
     "input_ids": "ids",
     "labels": "ids",
-    **{f.name: "str" if f.type == "str" else "int" for f in fields(TokenizeStats)},
+    **stats_schema(TokenizeStats),
 }
 
 

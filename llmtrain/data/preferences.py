@@ -26,7 +26,7 @@ from llmtrain.data.chat import (
     collate_padded,
     tool_turn_error,
 )
-from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error
+from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 
@@ -308,7 +308,7 @@ _PAIR_SCHEMA = {
     "chosen_labels": "ids",
     "rejected_input_ids": "ids",
     "rejected_labels": "ids",
-    **{f.name: "str" if f.type == "str" else "int" for f in fields(PairStats)},
+    **stats_schema(PairStats),
 }
 
 

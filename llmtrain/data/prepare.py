@@ -51,6 +51,11 @@ ColumnsFn = Callable[..., Columns]
 _TYPES = {"ids": None, "int": "int64", "bool": "bool", "str": "string"}
 
 
+def stats_schema(stats_cls) -> dict[str, str]:
+    """The schema of a stats dataclass's fields as per-row columns: its text fields str, its counts int."""
+    return {f.name: "str" if f.type == "str" else "int" for f in fields(stats_cls)}
+
+
 def prepare_columns(
     kind: str,
     tokenizer,

@@ -58,6 +58,8 @@ def run(cfg: RewardConfig) -> Path:
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
     model = load_reward_model(init.path, tokenizer, init.spec, cfg.attn_implementation)
     pad_id = model.config.pad_token_id  # padding that no answer ends with (see reward_pad_id)
+    # The tokenizer saved with the run pads the same way, so the pair reads scores where they were trained.
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     if cfg.lora:
         model = add_lora(model, cfg, "SEQ_CLS", accelerator)  # SEQ_CLS keeps the new score head trainable
 
@@ -208,8 +210,6 @@ def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str 
         raise LLMTrainError(f"Could not load '{spec}' as a sequence classifier: {str(e).splitlines()[0]}") from None
     pad = reward_pad_id(tokenizer)
     model.config.pad_token_id = pad
-    # The tokenizer saved with a reward run pads the same way, so the pair reads scores where they were trained.
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     return model
 
 
