@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +21,23 @@ import yaml
 from llmtrain.errors import LLMTrainError
 
 C = TypeVar("C")
+
+# The values of the fields that take one of a few words. They live here, not beside the code that acts on them,
+# so that checking a config never imports torch (`llmtrain runs` stays fast); that code imports them from here.
+SCHEDULES = ("cosine", "wsd", "constant")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "conservative")
+VALUE_MODELS = ("auto", "reward", "policy", "head")
+ADVANTAGES = ("gae", "group")
+
+
+class ConfigValueError(LLMTrainError):
+    """A config value of the wrong type or out of range; `fields` are the keys it depends on, so that the
+    loaders can add where those were set (the command line, a YAML file, a pipeline section)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
 
 
 def default_runs_dir() -> str:
@@ -50,6 +69,21 @@ class RunConfig:
     )
     hub_repo_id: str | None = field(default=None, metadata={"help": "Hub repository to upload to: user/name."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads per process (CPU runs only). Default: $OMP_NUM_THREADS when you set it, else this "
+            "machine's cores shared among its processes. `accelerate launch` sets OMP_NUM_THREADS=1 in every "
+            "process it starts, so there 1 counts as unset (the cores are shared); --threads 1 forces one."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name, (kind, optional) in _field_types(type(self)).items():
+            setattr(self, name, _coerce(name, getattr(self, name), kind, optional))
+        # numpy, which seeds the data order, takes seeds in [0, 2**32).
+        _between(self, "seed", 0, 2**32 - 1)
+        _at_least(self, "threads", 1, "Leave it unset to use $OMP_NUM_THREADS or share the cores.")
 
 
 @dataclass
@@ -117,6 +151,15 @@ class PretrainConfig(RunConfig):
     save_every: int = 500
     keep_checkpoints: int = 2
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_training(self)
+        for name in ("seq_len", "max_steps", "max_documents", "tokenizer_train_chars", "max_tokens", "eval_batches"):
+            _at_least(self, name, 1)
+        _at_least(self, "sample_every", 0, "0 turns samples off.")
+        _at_least(self, "num_samples", 0)
+        _at_least(self, "sample_tokens", 1)
+
 
 @dataclass
 class FinetuneConfig(RunConfig):
@@ -180,6 +223,14 @@ class FinetuneConfig(RunConfig):
     save_every: int = 200
     keep_checkpoints: int = 2
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_training(self)
+        for name in ("max_rows", "max_length", "max_steps", "lora_r", "lora_alpha"):
+            _at_least(self, name, 1)
+        _between(self, "lora_dropout", 0, 1, high_open=True)
+        _positive(self, "epochs", "It counts passes over the training rows (e.g. 0.5 or 2).")
+
 
 @dataclass
 class PolicyConfig(FinetuneConfig):
@@ -192,6 +243,12 @@ class PolicyConfig(FinetuneConfig):
     task_eval_rows: int = field(default=400, metadata={"help": "Held-out prompts answered for task_accuracy."})
     max_new_tokens: int = 24
     num_samples: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, "task_eval_rows", 0, "0 skips task_accuracy.")
+        _at_least(self, "max_new_tokens", 1)
+        _at_least(self, "num_samples", 0)
 
 
 @dataclass
@@ -240,6 +297,13 @@ class DpoConfig(PolicyConfig):
     lr: float = 1e-4
     warmup_steps: int = 10
     epochs: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "beta")
+        _one_of(self, "loss_type", DPO_LOSS_TYPES)
+        _between(self, "label_smoothing", 0, 0.5, high_open=True, note="At 0.5 the labels say nothing.")
+        _at_least(self, "nll_weight", 0, "0 turns the NLL term off (plain DPO).")
 
 
 @dataclass
@@ -302,6 +366,153 @@ class PpoConfig(PolicyConfig):
     log_every: int = 1
     save_every: int = 50
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of(self, "value_model", VALUE_MODELS)
+        _one_of(self, "advantage", ADVANTAGES)
+        for name in ("ppo_epochs", "num_mini_batches", "num_generations", "kl_horizon"):
+            _at_least(self, name, 1)
+        _positive(self, "temperature", "PPO samples, and divides the logits by it.")
+        _at_least(self, "top_k", 0, "0 samples from all tokens.")
+        _between(self, "top_p", 0, 1, low_open=True, note="1.0 turns nucleus sampling off.")
+        for name in ("clip_range", "clip_range_value", "value_lr", "target_kl"):
+            _positive(self, name)
+        for name in ("vf_coef", "kl_coef"):
+            _at_least(self, name, 0)
+        for name in ("gamma", "lam"):
+            _between(self, name, 0, 1)
+        _at_least(self, "sample_every", 0, "0 turns samples off.")
+        if self.advantage == "group" and self.num_generations < 2:
+            raise ConfigValueError(
+                "--advantage group compares each response with the other responses to the same prompt; set "
+                "--num_generations to 2 or more (4 to 8 is usual).",
+                "advantage",
+                "num_generations",
+            )
+        rows = self.batch_size * self.num_generations
+        if rows % (self.num_mini_batches * self.grad_accum):
+            raise ConfigValueError(
+                f"batch_size x num_generations = {rows} responses per process must split evenly into "
+                f"num_mini_batches ({self.num_mini_batches}) x grad_accum ({self.grad_accum}) micro-batches.",
+                "batch_size",
+                "num_generations",
+                "num_mini_batches",
+                "grad_accum",
+            )
+        if self.max_new_tokens >= self.max_length:
+            raise ConfigValueError(
+                f"--max_new_tokens ({self.max_new_tokens}) must be below --max_length ({self.max_length}), "
+                "which bounds prompt and response together.",
+                "max_new_tokens",
+                "max_length",
+            )
+
+
+def _check_training(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """The rules every training stage shares: batch, optimizer, schedule, when to log, evaluate and save."""
+    _one_of(cfg, "mixed_precision", MIXED_PRECISIONS)
+    _one_of(cfg, "schedule", SCHEDULES, head=f"Unknown schedule '{cfg.schedule}'")
+    for name in ("batch_size", "grad_accum", "num_proc"):
+        _at_least(cfg, name, 1)
+    _between(cfg, "val_fraction", 0, 1, low_open=True, high_open=True, note="It is the share held out for evaluation.")
+    _positive(cfg, "lr", "It is the peak learning rate, e.g. 3e-4.")
+    _at_least(cfg, "warmup_steps", 0)
+    _between(cfg, "min_lr_ratio", 0, 1, note="The schedule decays the learning rate to lr x min_lr_ratio.")
+    _between(cfg, "decay_fraction", 0, 1, note="wsd decays over this share of the steps.")
+    _at_least(cfg, "weight_decay", 0)
+    for name in ("beta1", "beta2"):
+        _between(cfg, name, 0, 1, high_open=True, note="AdamW takes betas in [0, 1).")
+    _at_least(cfg, "grad_clip", 0, "0 turns clipping off.")
+    _positive(cfg, "max_time_s", "Leave it unset for no time limit.")
+    _at_least(cfg, "log_every", 1, "It counts steps between logged lines; 1 logs every step.")
+    _at_least(cfg, "eval_every", 0, "0 evaluates only at the end.")
+    _at_least(cfg, "save_every", 0, "0 saves no checkpoint mid-run (the finished model is always saved).")
+    _at_least(cfg, "keep_checkpoints", 0, "0 keeps them all.")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """Each field's type and whether it may be None (`int | None` -> (int, True))."""
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name])
+        kind = next(a for a in args if a is not type(None)) if args else hints[f.name]
+        types[f.name] = (kind, type(None) in args)
+    return types
+
+
+_EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+
+
+def _coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
+    """`value` as a `kind`, or a ConfigValueError. Text is read as the command line reads it (HfArgumentParser),
+    because YAML gives `lr: 3e-4` (no dot) as text; a number is never taken for a bool, nor a bool for a number."""
+    if value is None:
+        if optional:
+            return None
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif isinstance(value, bool):
+        pass  # Python takes True for the int 1; no count or rate here is true or false
+    elif kind is int and isinstance(value, int):
+        return value
+    elif kind is float and isinstance(value, int | float):
+        return float(value)  # `lr: 1` in YAML is an int; the manifest and the arithmetic see a float
+    or_none = " (or null)" if optional else ""
+    quote = " Write it in quotes to mean the text." if kind is str and not isinstance(value, list | dict) else ""
+    shown = "null" if value is None else repr(value)
+    raise ConfigValueError(f"--{name} takes {_EXPECTED[kind]}{or_none}, not {shown}.{quote}", name)
+
+
+def _at_least(cfg: Any, name: str, low: int, note: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and not value >= low:
+        raise ConfigValueError(f"--{name} must be at least {low}, got {value}. {note}".rstrip(), name)
+
+
+def _positive(cfg: Any, name: str, note: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and not value > 0:  # `not >` refuses nan too
+        raise ConfigValueError(f"--{name} must be positive, got {value}. {note}".rstrip(), name)
+
+
+def _between(
+    cfg: Any, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False, note: str = ""
+) -> None:
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # written so that nan fails too
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigValueError(f"--{name} must be in {interval}, got {value}. {note}".rstrip(), name)
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _one_of(cfg: Any, name: str, choices: tuple[str, ...], head: str | None = None) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        head = head or f"--{name} {value}"
+        raise ConfigValueError(f"{head}: choose one of {', '.join(choices)}.{_did_you_mean(value, choices)}", name)
+
 
 STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
@@ -333,9 +544,17 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _unknown_key_error(key: str, cls: type, where: str) -> LLMTrainError:
     valid = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return LLMTrainError(f"Unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}.")
+    return LLMTrainError(
+        f"Unknown config key '{key}' in {where}.{_did_you_mean(key, valid)} Valid keys: {', '.join(valid)}."
+    )
+
+
+def _with_source(error: ConfigValueError, sources: dict[str, str]) -> ConfigValueError:
+    """`error` with where its first field that has a known source was set ('in FILE', 'on the command line')."""
+    for name in error.fields:
+        if name in sources:
+            return ConfigValueError(f"{error} ({name} was set {sources[name]}.)", *error.fields)
+    return error
 
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
@@ -362,7 +581,10 @@ def config_from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:
     for key in values:
         if key not in names:
             raise _unknown_key_error(key, cls, where)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigValueError as e:
+        raise _with_source(e, dict.fromkeys(e.fields, f"in {where}")) from None
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
@@ -371,14 +593,27 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
 
     config_path, argv = _split_config_flag(list(argv or []))
     parser = HfArgumentParser(cls)
+    sources: dict[str, str] = {}
     if config_path:
-        parser.set_defaults(**load_yaml(config_path, cls))
+        values = load_yaml(config_path, cls)
+        sources = dict.fromkeys(values, f"in {config_path}")
+        types = _field_types(cls)
+        try:
+            # before argparse sees them: it would exit with its own message on a YAML value it cannot read
+            values = {key: _coerce(key, value, *types[key]) for key, value in values.items()}
+        except ConfigValueError as e:
+            raise _with_source(e, sources) from None
+        parser.set_defaults(**values)
     for arg in argv:
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].replace("-", "_")
             if key not in {f.name for f in dataclasses.fields(cls)}:
                 raise _unknown_key_error(key, cls, "the command line")
-    config, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+            sources[key] = "on the command line"
+    try:
+        config, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ConfigValueError as e:
+        raise _with_source(e, sources) from None
     if remaining:
         raise LLMTrainError(f"Could not read these command-line arguments: {' '.join(remaining)}. Use --key value.")
     return config

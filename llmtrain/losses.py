@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "conservative")
+from llmtrain.config import DPO_LOSS_TYPES
 
 
 @dataclass

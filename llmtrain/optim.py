@@ -7,7 +7,7 @@ import math
 
 import torch
 
-SCHEDULES = ("cosine", "wsd", "constant")
+from llmtrain.config import SCHEDULES
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:

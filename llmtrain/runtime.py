@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmtrain.config import MIXED_PRECISIONS
 from llmtrain.errors import LLMTrainError
 
 # Tracker name -> the pip package that provides it.
@@ -24,13 +26,34 @@ TRACKERS = {
 def resolve_mixed_precision(requested: str) -> str:
     """'auto' means bf16 on a GPU that supports it and full fp32 otherwise (bf16 is slower on CPUs)."""
     if requested != "auto":
-        if requested not in ("no", "bf16", "fp16"):
-            raise LLMTrainError(f"mixed_precision must be auto, no, bf16 or fp16, not '{requested}'.")
+        if requested not in MIXED_PRECISIONS:
+            raise LLMTrainError(f"--mixed_precision {requested}: choose one of {', '.join(MIXED_PRECISIONS)}.")
         return requested
     forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if torch.cuda.is_available() and not forced_cpu and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def cpu_threads(requested: int | None, env: Mapping[str, str], cores: int, local_processes: int) -> int:
+    """Threads per process on a CPU: `requested` (--threads) if set, else $OMP_NUM_THREADS if the user set it,
+    else this machine's `cores` shared among its `local_processes`.
+
+    `accelerate launch` (and torchrun) set OMP_NUM_THREADS=1 in every process they start unless told otherwise,
+    which leaves cores idle (a third of the speed on 2 cores); in a launched process 1 is therefore taken for
+    unset and the cores are shared. Any other value there came from the user (or the launcher's own count of
+    cores per process) and is kept; --threads 1 forces one thread.
+    """
+    if requested is not None:
+        return requested
+    launched = "LOCAL_RANK" in env or "ACCELERATE_DYNAMO_BACKEND" in env  # the latter: set by every accelerate launch
+    try:
+        omp = int(env.get("OMP_NUM_THREADS", "").split(",")[0])  # "4,2" sets nested levels; the first is ours
+    except ValueError:
+        omp = 0
+    if omp >= 1 and not (launched and omp == 1):
+        return omp
+    return max(1, cores // max(1, local_processes))
 
 
 def check_tracker(name: str | None) -> None:
@@ -78,11 +101,9 @@ def make_accelerator(cfg: Any):
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
-        # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU processes, which leaves cores idle (a third of
-        # the speed on 2 cores); share this machine's cores among its processes instead.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local_processes))
+        torch.set_num_threads(cpu_threads(getattr(cfg, "threads", None), os.environ, cores, local_processes))
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
