@@ -133,8 +133,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from llmtrain.models import load_reward_model, score_conversations
     from llmtrain.registry import resolve_model
-    from llmtrain.stages.reward import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
 
     source = resolve_model(args.run, _runs_dir(args.runs_dir))

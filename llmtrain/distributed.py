@@ -7,6 +7,7 @@ number of them, and a model can only run inside its engine. The helpers here kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -85,6 +86,13 @@ def shards_parameters(accelerator) -> bool:
 
     plugin = accelerator.state.deepspeed_plugin
     return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
+def sum_across(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that sums a tensor over all processes (the identity for one process)."""
+    if accelerator.num_processes == 1:
+        return lambda t: t
+    return lambda t: accelerator.reduce(t.clone(), reduction="sum")
 
 
 def process_share(n: int, accelerator) -> tuple[list[int], int]:

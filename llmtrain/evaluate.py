@@ -75,24 +75,6 @@ def resolve_checker(task: str, prompts: list[str]) -> Checker | None:
         ) from None
 
 
-def task_accuracy(
-    model, tokenizer, prompts: list[str], checker: Checker, max_new_tokens: int = 24, batch_size: int = 64
-) -> tuple[float, list[tuple[str, str, bool]]]:
-    """Share of prompts whose greedy chat answer the checker accepts, and the (prompt, answer, ok) triples."""
-    from llmtrain.generate import chat_replies
-
-    replies = chat_replies(
-        model,
-        tokenizer,
-        [[{"role": "user", "content": p}] for p in prompts],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        greedy=True,
-    )
-    results = [(p, r, bool(checker(p, r))) for p, r in zip(prompts, replies)]
-    return sum(ok for *_, ok in results) / max(len(results), 1), results
-
-
 @torch.no_grad()
 def chat_eval_loss(model, examples, pad_id: int, batch_size: int, accelerator) -> float:
     """Mean loss over the trained (assistant) tokens of held-out chat examples, across processes."""
@@ -116,28 +98,47 @@ def chat_eval_loss(model, examples, pad_id: int, batch_size: int, accelerator) -
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
-def distributed_replies(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, accelerator
-) -> list[str]:
-    """Greedy replies to `conversations`, split across processes and gathered back in their order."""
+def evaluate_answers(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    accelerator,
+    checker: Checker | None = None,
+    reward=None,
+    show: int = 0,
+) -> tuple[dict[str, float], list[str]]:
+    """Greedy answers to held-out prompts, split across processes and gathered in order: their task accuracy
+    when a checker applies, their mean score when a reward source is given (`val_reward`), and the replies.
+    Prints the first `show` of them."""
     from accelerate.utils import gather_object
 
+    from llmtrain.data.prompts import question_of
     from llmtrain.generate import chat_replies
 
-    mine, own = process_share(len(conversations), accelerator)
-    replies = chat_replies(model, tokenizer, [conversations[i] for i in mine], max_new_tokens, greedy=True)
-    indexed = list(zip(mine[:own], replies[:own]))
-    return [reply for _, reply in sorted(gather_object(indexed) if accelerator.num_processes > 1 else indexed)]
-
-
-def distributed_task_accuracy(
-    model, tokenizer, prompts: list[str], checker: Checker, max_new_tokens: int, accelerator
-) -> tuple[float, list[tuple[str, str, bool]]]:
-    """task_accuracy with the prompts split across processes and the (prompt, answer, ok) triples gathered."""
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
-    replies = distributed_replies(model, tokenizer, conversations, max_new_tokens, accelerator)
-    results = [(p, r, bool(checker(p, r))) for p, r in zip(prompts, replies)]
-    return sum(ok for *_, ok in results) / max(len(results), 1), results
+    if not prompts:
+        return {}, []
+    mine, own = process_share(len(prompts), accelerator)
+    replies = chat_replies(model, tokenizer, [prompts[i] for i in mine], max_new_tokens, greedy=True)
+    scores = [0.0] * len(replies)
+    if reward is not None:
+        with accelerator.autocast():
+            scores = reward.score_texts([prompts[i] for i in mine], replies)
+    rows = list(zip(mine, replies, scores))[:own]
+    rows = sorted(gather_object(rows) if accelerator.num_processes > 1 else rows)
+    metrics, notes = {}, [""] * len(rows)
+    if reward is not None:
+        metrics["val_reward"] = sum(s for *_, s in rows) / len(rows)
+        notes = [f" (reward {s:.3f})" for *_, s in rows]
+    if checker is not None:
+        ok = [bool(checker(question_of(prompts[i]), reply)) for i, reply, _ in rows]
+        metrics["task_accuracy"] = sum(ok) / len(ok)
+        notes = [(" correct" if good else " wrong") + note for good, note in zip(ok, notes)]
+    if show and accelerator.is_main_process:
+        print("samples (held-out prompts, greedy):")
+        for (i, reply, _), note in list(zip(rows, notes))[:show]:
+            print(f"  {question_of(prompts[i])!r} -> {reply!r}{note}")
+    return metrics, [reply for _, reply, _ in rows]
 
 
 def evaluate_chat_model(
@@ -165,10 +166,10 @@ def evaluate_chat_model(
     examples, _ = tokenize_dataset(tokenizer, rows, max_length)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     metrics = {"val_loss": chat_eval_loss(model, examples, tokenizer.pad_token_id, batch_size, accelerator)}
-    prompts = [m[0]["content"] for m in rows if len(m) == 2 and m[0]["role"] == "user"]
-    checker = resolve_checker(task, prompts)
+    prompts = [m[:1] for m in rows if len(m) == 2 and m[0]["role"] == "user"]
+    checker = resolve_checker(task, [p[0]["content"] for p in prompts])
     if checker is not None:
-        metrics["task_accuracy"], _ = task_accuracy(model, tokenizer, prompts, checker, max_new_tokens)
+        metrics |= evaluate_answers(model, tokenizer, prompts, max_new_tokens, accelerator, checker)[0]
     return metrics
 
 
@@ -177,7 +178,7 @@ def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: lis
     replies count as a tie (one half). The prompts are split across processes and the verdicts gathered."""
     from accelerate.utils import gather_object
 
-    from llmtrain.stages.reward import load_reward_model, score_conversations
+    from llmtrain.models import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(judge.path)

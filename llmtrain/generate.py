@@ -149,7 +149,8 @@ def chat_replies(
 def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
     """Load a run, local checkpoint or Hub model and its tokenizer for sampling."""
     from llmtrain.errors import LLMTrainError
-    from llmtrain.registry import load_causal_lm, resolve_model
+    from llmtrain.models import load_causal_lm
+    from llmtrain.registry import resolve_model
     from llmtrain.tokenizer import load_tokenizer
 
     source = resolve_model(spec, runs_dir)

@@ -109,39 +109,6 @@ def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
     )
 
 
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
-
-
-def load_pretrained(cls, path: str, attn_implementation: str = "auto", **kwargs: Any):
-    """`cls.from_pretrained` with the attention the architecture supports: `auto` is SDPA where the architecture
-    has it, else eager (Gemma 2 refuses SDPA); any other value is passed on as it is."""
-    if attn_implementation != "auto":
-        return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
-    try:
-        return cls.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-    except ValueError as e:
-        if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
-            raise
-        return cls.from_pretrained(path, attn_implementation="eager", **kwargs)
-
-
-def load_causal_lm(source: ModelSource, runs_dir: str | Path, attn_implementation: str = "auto", **kwargs: Any):
-    """`AutoModelForCausalLM.from_pretrained` for a run, local checkpoint or Hub id, with a clear error."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return load_pretrained(AutoModelForCausalLM, source.path, attn_implementation, **kwargs)
-    except (OSError, ValueError) as e:
-        where = {
-            "hub": f"It is not a preset ({', '.join(PRESETS)}), not a run in {runs_dir} and not a local folder, "
-            "and loading it as a Hub model id failed",
-            "run": "The run folder could not be loaded",
-            "local": "The checkpoint folder could not be loaded",
-        }[source.kind]
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LLMTrainError(f"Could not load model '{source.spec}'. {where}: {first_line}") from None
-
-
 def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSource:
     """A fine-tuning stage's --init: 'latest' (the newest finished `parent_stage` run) or any trained model."""
     if spec == "latest":

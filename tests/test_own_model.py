@@ -122,8 +122,9 @@ def test_every_reader_scores_an_answer_at_its_end_of_turn_where_pad_is_eos(name,
     """Reward training, `llmtrain score` (and so DPO's judge and PPO's val_reward) and PPO's rollout scores
     all read the score at the answer's end-of-turn token, not at the token before it."""
     from llmtrain.data.preferences import PreferencePair, collate_pairs, tokenize_pairs
-    from llmtrain.stages.ppo import RewardSource, Rollout
-    from llmtrain.stages.reward import load_reward_model, score_conversations
+    from llmtrain.models import load_reward_model, score_conversations
+    from llmtrain.rewards import RewardSource
+    from llmtrain.rollout import Rollout
 
     path = str(family_models[name])
     tokenizer = load_tokenizer(path)

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from llmtrain.config import PpoConfig
 from llmtrain.data.prompts import load_prompts
 from llmtrain.errors import LLMTrainError
+from llmtrain.rewards import load_reward
+from llmtrain.rollout import Rollout
 from llmtrain.stages import ppo
 
 TOY_REWARD = "test_ppo:short_answer_reward"
@@ -117,7 +119,7 @@ def test_a_reward_model_run_is_read_at_the_answers_end_of_turn_token_and_becomes
     from llmtrain.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(sft_run))
-    reward = ppo.load_reward(cfg, tokenizer)
+    reward = load_reward(cfg, tokenizer)
     prompts = [
         [{"role": "user", "content": "What is 12 + 30?"}],
         [{"role": "user", "content": "Now, what is 45 - 17?"}],
@@ -131,7 +133,7 @@ def test_a_reward_model_run_is_read_at_the_answers_end_of_turn_token_and_becomes
     assert from_tokens[0] != from_tokens[1]
 
 
-def make_rollout(tokenizer, prompts: list[list[dict]], answers: list[str]) -> ppo.Rollout:
+def make_rollout(tokenizer, prompts: list[list[dict]], answers: list[str]) -> Rollout:
     """A rollout of given answers, laid out as the stage lays out sampled ones."""
     from llmtrain.data.template import chat_format
 
@@ -144,7 +146,7 @@ def make_rollout(tokenizer, prompts: list[list[dict]], answers: list[str]) -> pp
     query = torch.tensor([[pad] * (width - len(q)) + q for q in queries])
     response = torch.tensor([r + [pad] * (longest - len(r)) for r in responses])
     attention = torch.cat([query != pad, response != pad], dim=1).long()
-    return ppo.Rollout(
+    return Rollout(
         input_ids=torch.cat([query, response], dim=1),
         attention_mask=attention,
         position_ids=(attention.cumsum(-1) - 1).clamp(min=0),

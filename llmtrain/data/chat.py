@@ -45,11 +45,13 @@ def load_chat_rows(
     spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
 ) -> list[list[dict]]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one message list per row."""
-    rows = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, split, dataset_config, max_rows)
+    rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
     return [to_messages(row, where) for row, where in islice(rows, max_rows)]
 
 
-def _local_rows(spec: str) -> Iterator[tuple[Any, str]]:
+def local_rows(spec: str) -> Iterator[tuple[Any, str]]:
+    """The rows of a local .jsonl/.json/.parquet file (or of every such file in a folder), each with where it is
+    (file and line) for error messages."""
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHAT_SUFFIXES)
@@ -135,7 +137,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Any, str]]:
         yield row, f"{path}, row {i}"
 
 
-def _hub_rows(spec: str, split: str, dataset_config: str | None, max_rows: int | None) -> Iterator[tuple[Any, str]]:
+def hub_rows(spec: str, split: str, dataset_config: str | None, max_rows: int | None) -> Iterator[tuple[Any, str]]:
+    """The rows of a Hub data set's split (a spec that looks like a local path is a missing file), with where."""
     looks_local = spec.startswith((".", "/", "~")) or Path(spec).suffix in CHAT_SUFFIXES or os.sep * 2 in spec
     if looks_local or spec.count("/") > 1:
         raise LLMTrainError(f"Data file {spec} does not exist. Check the path given for the chat data.")
@@ -161,7 +164,7 @@ def to_messages(row: dict, where: str) -> list[dict]:
     if not isinstance(row, dict):
         raise LLMTrainError(f"{where}: a row must be a JSON object, found a {type(row).__name__}. {ACCEPTED_SHAPES}")
     if "messages" in row:
-        messages = _message_list(row["messages"], where, "messages")
+        messages = message_list(row["messages"], where, "messages")
     elif "prompt" in row:
         messages = _prompt_completion(row, where)
     elif "instruction" in row and "output" in row:
@@ -187,11 +190,11 @@ def _prompt_completion(row: dict, where: str) -> list[dict]:
     if isinstance(prompt, str):
         prompt_messages = [{"role": "user", "content": prompt}]
     else:
-        prompt_messages = _message_list(prompt, where, "prompt")
+        prompt_messages = message_list(prompt, where, "prompt")
     if isinstance(answer, str):
         answer_messages = [{"role": "assistant", "content": _nonempty_answer(answer, where, key)}]
     else:
-        answer_messages = _message_list(answer, where, key)
+        answer_messages = message_list(answer, where, key)
     return prompt_messages + answer_messages
 
 
@@ -208,7 +211,8 @@ def _alpaca(row: dict, where: str) -> list[dict]:
     ]
 
 
-def _message_list(value: Any, where: str, key: str) -> list[dict]:
+def message_list(value: Any, where: str, key: str) -> list[dict]:
+    """A row's list of {role, content} messages, checked (roles, text content, no tool turns)."""
     if not isinstance(value, list) or not value:
         expected = "a non-empty list of messages" if key == "messages" else "a string or a non-empty list of messages"
         raise LLMTrainError(f"{where}: '{key}' must be {expected}, found {type(value).__name__}. {ACCEPTED_SHAPES}")

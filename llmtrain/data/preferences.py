@@ -20,10 +20,10 @@ import torch
 from llmtrain.data.chat import (
     ROLES,
     Example,
-    _hub_rows,
-    _local_rows,
     check_verified,
     collate_padded,
+    hub_rows,
+    local_rows,
     tool_turn_error,
 )
 from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
@@ -56,7 +56,7 @@ def load_preference_pairs(
     spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
 ) -> list[PreferencePair]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one pair per row."""
-    rows = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, split, dataset_config, max_rows)
+    rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
     return [to_pair(row, where) for row, where in islice(rows, max_rows)]
 
 

@@ -12,7 +12,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from llmtrain.data.chat import _hub_rows, _local_rows, _message_list
+from llmtrain.data.chat import hub_rows, local_rows, message_list
 from llmtrain.data.prepare import SKIPPED, prepare_columns, raise_first_error
 from llmtrain.data.template import chat_format
 from llmtrain.errors import LLMTrainError
@@ -28,7 +28,7 @@ def load_prompts(
     spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
 ) -> list[list[dict]]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one conversation per row."""
-    rows = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, split, dataset_config, max_rows)
+    rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
     return [to_prompt(row, where) for row, where in islice(rows, max_rows)]
 
 
@@ -39,10 +39,10 @@ def to_prompt(row: Any, where: str) -> list[dict]:
     if row.get("prompt") is not None:
         value = row["prompt"]
         messages = (
-            [{"role": "user", "content": value}] if isinstance(value, str) else _message_list(value, where, "prompt")
+            [{"role": "user", "content": value}] if isinstance(value, str) else message_list(value, where, "prompt")
         )
     elif row.get("messages") is not None:
-        messages = _message_list(row["messages"], where, "messages")
+        messages = message_list(row["messages"], where, "messages")
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise LLMTrainError(f"{where}: the conversation has no user turn, so there is nothing to answer.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from itertools import islice
 
-from llmtrain.data.chat import ACCEPTED_SHAPES, TokenizeStats, _hub_rows, _local_rows, to_messages, tokenize_chat
+from llmtrain.data.chat import ACCEPTED_SHAPES, TokenizeStats, hub_rows, local_rows, to_messages, tokenize_chat
 from llmtrain.data.preferences import PairStats, to_pair, tokenize_pairs
 from llmtrain.data.prompts import to_prompt, tokenize_prompts
 from llmtrain.data.template import IGNORE_INDEX, chat_format
@@ -19,7 +19,7 @@ def show_data(tokenizer, spec: str, kind: str = "auto", rows: int = 3, max_rows:
     the first `max_rows` rows: kept, truncated, dropped for length, dropped as unverifiable."""
     from pathlib import Path
 
-    raw = _local_rows(spec) if Path(spec).exists() else _hub_rows(spec, "train", None, max_rows)
+    raw = local_rows(spec) if Path(spec).exists() else hub_rows(spec, "train", None, max_rows)
     raw = list(islice(raw, max_rows))
     if not raw:
         raise LLMTrainError(f"{spec} holds no rows. {ACCEPTED_SHAPES}")

@@ -38,3 +38,20 @@ def _nonempty(rows: list[Row], spec: str) -> list[Row]:
     if not rows:
         raise LLMTrainError(f"{spec} holds no rows (the file is empty, or only blank lines). Give a file with rows.")
     return rows
+
+
+def tokenize_splits(
+    tokenize: Callable[..., tuple], tokenizer, train_rows: list, eval_rows: list, budget: int, cfg: Any, accelerator
+):
+    """`tokenize(tokenizer, rows, budget, source, num_proc, cache_dir)` the training and the held-out rows: the
+    main process tokenizes and caches, the other processes then load the cache. Stops when no training row fits."""
+    prep = dict(num_proc=cfg.num_proc, cache_dir=cfg.cache_dir)
+    with accelerator.main_process_first():
+        train = tokenize(tokenizer, train_rows, budget, cfg.data, **prep)
+        held_out = tokenize(tokenizer, eval_rows, budget, f"{cfg.eval_data} (held out)", **prep)
+    if not train[0]:
+        limit = (
+            f"max_length={cfg.max_length}" if budget == cfg.max_length else f"max_length - max_new_tokens = {budget}"
+        )
+        raise LLMTrainError(f"No row of {cfg.data} fits in {limit} tokens; raise --max_length.")
+    return train, held_out

@@ -8,14 +8,12 @@ budget or a signal, ends the same way: a checkpoint or a finished run, never a l
 from __future__ import annotations
 
 import math
-import signal
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmtrain.config import PretrainConfig, config_to_dict
+from llmtrain.config import PretrainConfig
 from llmtrain.data.corpus import (
     build_token_shards,
     documents_for_tokenizer,
@@ -24,23 +22,16 @@ from llmtrain.data.corpus import (
     resolve_corpus,
 )
 from llmtrain.data.windows import TokenWindows
-from llmtrain.distributed import full_state_dict, micro_step
-from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.distributed import micro_step
+from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_lm
-from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count, peak_flops
+from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count
 from llmtrain.generate import sample
-from llmtrain.optim import SCHEDULES, build_optimizer, lr_at
-from llmtrain.registry import ModelSource, load_causal_lm, preset_config, resolve_model
+from llmtrain.loop import Loop, prepare
+from llmtrain.models import load_causal_lm
+from llmtrain.registry import ModelSource, preset_config, resolve_model
 from llmtrain.run_dir import Run
-from llmtrain.runtime import (
-    cache_dir,
-    end_run,
-    install_signal_handlers,
-    make_accelerator,
-    print_main,
-    progress_bar,
-    restore_signal_handlers,
-)
+from llmtrain.runtime import cache_dir, make_accelerator
 from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 
 PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"], "learning rate": ["lr"]}
@@ -48,7 +39,6 @@ PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"],
 
 def run(cfg: PretrainConfig) -> Path:
     """Pretrain per `cfg`; returns the finished run directory."""
-    _check_config(cfg)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -75,6 +65,9 @@ def run(cfg: PretrainConfig) -> Path:
     val_data = TokenWindows(shards.tokens("val"), cfg.seq_len, "val")
     token_bytes = torch.tensor(token_byte_lengths(tokenizer), device=device)
 
+    def evaluate() -> dict[str, float]:
+        return evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
+
     # ---- model and optimizer
     model = _build_model(cfg, source, tokenizer)
     n_params = parameter_count(model)
@@ -82,27 +75,17 @@ def run(cfg: PretrainConfig) -> Path:
     total_steps = cfg.max_steps
     if cfg.max_tokens:
         total_steps = min(total_steps, math.ceil(cfg.max_tokens / tokens_per_step))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
-    if cfg.compile:
-        model.compile()  # in place: state_dict keys stay those of the HF model, so checkpoints load anywhere
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)  # the bare HF model, for config, sampling and saving
-    flops_tok = flops_per_token(
-        non_embedding_params(raw_model),
-        raw_model.config.num_hidden_layers,
-        raw_model.config.hidden_size,
-        cfg.seq_len,
+    model, optimizer, raw_model = prepare(accelerator, cfg, model)
+    loop = Loop.begin(cfg, accelerator, run, model, optimizer, total_steps)
+    loop.state.setdefault("tokens_seen", 0)
+    if cfg.max_tokens and total_steps < cfg.max_steps:
+        loop.stop_reason = "max_tokens"
+    config = raw_model.config
+    loop.flops_per_token = flops_per_token(
+        non_embedding_params(raw_model), config.num_hidden_layers, config.hidden_size, cfg.seq_len
     )
-    peak = peak_flops(device)
-
-    step, tokens_seen, train_time = 0, 0, 0.0
-    if run.resume_from is not None:
-        state = run.load_checkpoint(accelerator)
-        step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time_s"]
-        run.truncate_metrics(step)
-        print_main(accelerator, f"Resuming {run.name} from step {step} ({run.resume_from.name}).")
-    run.start(
-        config_to_dict(cfg),
+    loop.start(
+        _summary(cfg, n_params, shards.stats, tokens_per_step, world, device, accelerator.mixed_precision),
         preset=cfg.preset if source.kind == "preset" else None,
         parent=source.run_name or (source.path if source.kind != "preset" else None),
         model={
@@ -112,150 +95,68 @@ def run(cfg: PretrainConfig) -> Path:
             "architecture": type(raw_model).__name__,
         },
         data={"spec": cfg.data, "fingerprint": data_fp, "shards": str(shards.path), **vars(shards.stats)},
-        world_size=world,
-    )
-    if cfg.tracker:
-        accelerator.init_trackers(run.name, config=config_to_dict(cfg))
-    print_main(
-        accelerator,
-        _summary(cfg, run, n_params, shards.stats, tokens_per_step, world, device, accelerator.mixed_precision),
     )
 
     # ---- the loop
-    stop_signal = install_signal_handlers()
-    progress = progress_bar(accelerator, total_steps, step, "pretrain")
     model.train()
     last_val: dict[str, float] = {}
-    train_loss = float("nan")
-    if step == 0 and cfg.eval_every > 0:
-        last_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
-        run.log_metrics(0, last_val, accelerator)
-    window_tokens, window_time, data_time = 0, 0.0, 0.0
-    try:
-        while True:
-            stop = _stop_reason(cfg, step, total_steps, tokens_seen, train_time)
-            if stop:
+    if loop.step == 0 and cfg.eval_every > 0:
+        last_val = evaluate()
+        loop.log_eval(last_val)
+    with loop.training():
+        for _ in loop.steps():
+            if cfg.max_tokens and loop.state["tokens_seen"] >= cfg.max_tokens:
+                loop.stop_reason = "max_tokens"
                 break
-            t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                td = time.perf_counter()
-                x, y = train_data.random_batch(cfg.seed, step, micro, cfg.batch_size, device, rank, world)
-                data_time += time.perf_counter() - td
+                with loop.waiting_for_data():
+                    x, y = train_data.random_batch(cfg.seed, loop.step, micro, cfg.batch_size, device, rank, world)
                 # Gradients are all-reduced once per optimizer step, on the last micro-step.
                 with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     logits = model(input_ids=x).logits
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-
-            # One small collective per step: the mean loss and "has any process been signalled".
-            flags = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop_signal[0]), device=device)])
-            flags = accelerator.reduce(flags, reduction="mean") if world > 1 else flags
-            train_loss, signalled = flags[0].item(), flags[1].item() > 0
-            if not math.isfinite(train_loss):
-                raise LLMTrainError(
-                    f"The training loss became {train_loss} at step {step} (lr {lr:.3g}); the run stopped. "
-                    f"The last good checkpoint is kept in {run.path}. Lower --lr, raise --warmup_steps or "
-                    f"set --grad_clip, then start again (or --resume from that checkpoint)."
-                )
-            dt = time.perf_counter() - t0
-            train_time += dt
-            window_tokens += tokens_per_step
-            window_time += dt
-            progress.update(1)
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                tok_s = window_tokens / window_time
-                logged = {
-                    "train_loss": train_loss,
-                    "lr": lr,
-                    "tokens_seen": tokens_seen,
-                    "tokens_per_s": tok_s,
-                    "data_wait_frac": data_time / window_time,
-                }
-                if grad_norm is not None:
-                    logged["grad_norm"] = float(grad_norm)
-                if peak:
-                    logged["mfu"] = flops_tok * tok_s / (peak * world)
-                run.log_metrics(step, logged, accelerator)
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                window_tokens, window_time, data_time = 0, 0.0, 0.0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                last_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
-                run.log_metrics(step, last_val, accelerator)
-                progress.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_bpb {last_val['val_bpb']:.4f}")
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                _print_samples(progress.write, raw_model, tokenizer, val_data, cfg, accelerator)
-            train_state = {"tokens_seen": tokens_seen, "train_time_s": train_time}
-            run.checkpoint_after_step(
-                accelerator, step, total_steps, train_state, cfg, (stop_signal[0] or signal.SIGTERM) if signalled else 0
-            )
-    except RunInterrupted:
-        raise  # a checkpoint was saved: the run stays resumable
-    except Exception:  # a user error or a crash: the run is marked failed, not left "running"
-        run.update(status="failed")
-        raise
-    finally:
-        progress.close()
-        restore_signal_handlers()
+            grad_norm = loop.optimizer_step()
+            (loss_total,) = loop.reduce((loss_sum / cfg.grad_accum)[None], tokens=tokens_per_step / world)
+            loop.state["tokens_seen"] += tokens_per_step
+            logged = {"train_loss": loss_total / world, "tokens_seen": loop.state["tokens_seen"]}
+            loop.log(logged | ({"grad_norm": grad_norm} if grad_norm is not None else {}))
+            if loop.due(cfg.eval_every):
+                last_val = evaluate()
+                loop.log_eval(last_val)
+                loop.write(f"step {loop.step}: val_loss {last_val['val_loss']:.4f}  val_bpb {last_val['val_bpb']:.4f}")
+            if loop.due(cfg.sample_every):
+                _print_samples(loop.write, raw_model, tokenizer, val_data, cfg, accelerator)
+            loop.checkpoint()
 
     # ---- the end: evaluate, sample, save a Hugging Face checkpoint, register
-    final_val = evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
-    if not last_val or final_val != last_val:
-        run.log_metrics(step, final_val, accelerator)
+    final = evaluate()
+    if final != last_val:
+        loop.log_eval(final)
     _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
-    accelerator.wait_for_everyone()
-    state_dict = full_state_dict(accelerator, model)
+    state_dict = loop.full_state_dict()
     if accelerator.is_main_process:
         if raw_model.generation_config.eos_token_id is None:  # a model's own end-of-sequence ids are kept
             raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
         raw_model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, run.path)
-    metrics = {
-        **final_val,
-        "train_loss": train_loss,
-        "tokens_seen": tokens_seen,
-        "steps": step,
-        "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else 0.0,
-        "stop_reason": stop,
-    }
-    if peak and train_time:
-        metrics["mfu"] = flops_tok * metrics["tokens_per_s"] / (peak * world)
-    run.update(status="finished", metrics=metrics)
-    run.plot(PLOT_CURVES)
-    run.remove_checkpoints()
-    end_run(accelerator)
-    print_main(
-        accelerator,
-        f"\nFinished {run.name}: val_loss {final_val['val_loss']:.4f}, "
-        f"val_bpb {final_val['val_bpb']:.4f}, {metrics['tokens_per_s']:,.0f} tokens/s, "
-        f"{train_time:.1f} s training ({stop}). Saved to {run.path}",
+    tokens_seen, train_time = loop.state["tokens_seen"], loop.train_time
+    final |= {"tokens_seen": tokens_seen, "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else 0.0}
+    if loop.peak_flops and train_time:
+        final["mfu"] = loop.flops_per_token * final["tokens_per_s"] / (loop.peak_flops * world)
+    loop.finish(
+        final,
+        PLOT_CURVES,
+        f"val_loss {final['val_loss']:.4f}, val_bpb {final['val_bpb']:.4f}, "
+        f"{final['tokens_per_s']:,.0f} tokens/s ({loop.stop_reason})",
     )
     return run.path
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _check_config(cfg: PretrainConfig) -> None:
-    if cfg.schedule not in SCHEDULES:
-        raise LLMTrainError(f"Unknown schedule '{cfg.schedule}'. Choose one of: {', '.join(SCHEDULES)}.")
-    for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
-        if getattr(cfg, name) < 1:
-            raise LLMTrainError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise LLMTrainError(f"val_fraction must be between 0 and 1, got {cfg.val_fraction}.")
 
 
 def _get_tokenizer(cfg: PretrainConfig, source: ModelSource, docs, data_fp: str, cache: Path):
@@ -300,16 +201,6 @@ def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
     return model
 
 
-def _stop_reason(cfg: PretrainConfig, step: int, total_steps: int, tokens_seen: int, train_time: float) -> str | None:
-    if step >= total_steps:
-        return "max_tokens" if cfg.max_tokens and total_steps < cfg.max_steps else "max_steps"
-    if cfg.max_tokens and tokens_seen >= cfg.max_tokens:
-        return "max_tokens"
-    if cfg.max_time_s and train_time >= cfg.max_time_s:
-        return "max_time_s"
-    return None
-
-
 def _print_samples(write, model, tokenizer, val_data: TokenWindows, cfg: PretrainConfig, accelerator) -> None:
     """Continue the first few tokens of held-out documents, so progress is visible as text. Every process
     samples (with sharded parameters each forward pass needs them all); the main one prints."""
@@ -332,9 +223,9 @@ def _sample_prompts(val_data: TokenWindows, tokenizer, n: int, prompt_tokens: in
     return [p for p in prompts if p.strip()] or [tokenizer.decode(tokens[:prompt_tokens])]
 
 
-def _summary(cfg, run, n_params, stats, tokens_per_step, world, device, precision) -> str:
+def _summary(cfg, n_params, stats, tokens_per_step, world, device, precision) -> str:
     return (
-        f"run {run.name}: {cfg.preset}, {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
+        f"{cfg.preset}, {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
         f"precision {precision}\n"
         f"data: {stats.documents_read} documents read, {stats.empty_dropped} empty and {stats.duplicates_dropped} "
         f"duplicates dropped; train {stats.train_tokens:,} tokens ({stats.train_documents} docs), "

@@ -1,0 +1,287 @@
+"""The loop spine every stage shares: the bookkeeping around a training step, so a stage shows only its own.
+
+A stage reads like this (the step in the middle is the stage's, everything else is here):
+
+    model, optimizer, raw_model = prepare(accelerator, cfg, model)
+    loop = Loop.begin(cfg, accelerator, run, model, optimizer, total_steps)   # resumes if the run has a checkpoint
+    loop.start(summary, model={...}, data={...})                              # manifest, trackers, one summary line
+    with loop.training():                                  # signals, progress bar; a crash marks the run failed
+        for lr in loop.steps():                            # stops at max_steps or max_time_s; sets the lr
+            ... batch, forward, loss, backward ...
+            loop.optimizer_step()                          # clip, step, zero
+            totals = loop.reduce(sums, tokens)             # ONE collective: the stage's sums + the signal flag
+            loop.log({"train_loss": ...})                  # NaN stop, timing fields, metrics.jsonl, progress
+            if loop.due(cfg.eval_every): loop.log_eval(evaluate(...))
+            loop.checkpoint()                              # every save_every steps, and on a signal
+    loop.finish(final_metrics, PLOT_CURVES, "message")     # manifest, plot, checkpoints removed
+
+Batches stay a pure function of (seed, step), so resume, accumulation and extra processes give the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.config import config_to_dict
+from llmtrain.distributed import full_state_dict
+from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.flops import parameter_count, peak_flops
+from llmtrain.optim import build_optimizer, lr_at
+from llmtrain.registry import ModelSource, parent_manifest, resolve_init
+from llmtrain.run_dir import Run
+from llmtrain.runtime import (
+    end_run,
+    install_signal_handlers,
+    make_accelerator,
+    print_main,
+    progress_bar,
+    restore_signal_handlers,
+)
+
+# Logged values that stop the run when they are not finite, and what to try then, per stage.
+WATCHED = ("train_loss", "policy_loss", "value_loss", "reward_mean")
+NAN_ADVICE = {
+    "pretrain": "Lower --lr, raise --warmup_steps or set --grad_clip, then start again (or --resume from it).",
+    "dpo": "Lower --lr (or raise --nll_weight).",
+    "ppo": "Lower --lr and --value_lr, or check the reward for NaN or huge values.",
+}
+
+
+def open_run(cfg: Any, stage: str, parent_stage: str) -> tuple[Any, ModelSource, Run]:
+    """A fine-tuning stage's accelerator, the model it starts from (`cfg.init`: 'latest' is the newest finished
+    `parent_stage` run) and its run folder."""
+    accelerator = make_accelerator(cfg)
+    init = resolve_init(cfg.init, cfg.runs_dir, parent_stage)
+    run = Run.open(cfg, stage, parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
+    return accelerator, init, run
+
+
+def prepare(accelerator, cfg: Any, model, groups: list[dict] | None = None):
+    """AdamW over the model (or the param groups given), compile if asked, and Accelerate's wrapping.
+    Returns (model, optimizer, raw_model): raw_model is the bare model, for config, sampling and saving."""
+    optimizer = build_optimizer(groups or model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), accelerator.device)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys stay those of the HF model, so checkpoints load anywhere
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, accelerator.unwrap_model(model)
+
+
+@dataclass
+class Loop:
+    """One stage's training loop: step count, time, the stage's own resumable state, and the run it writes."""
+
+    cfg: Any
+    accelerator: Any
+    run: Run
+    model: Any
+    optimizer: Any
+    total_steps: int
+    step: int = 0
+    train_time: float = 0.0
+    state: dict[str, Any] = field(default_factory=dict)  # saved with each checkpoint, restored on resume
+    stop_reason: str = "max_steps"
+    last: dict[str, float] = field(default_factory=dict)  # the last logged step's metrics
+    flops_per_token: float = 0.0  # set by a stage that knows its model's FLOPs: the log then has MFU
+    peak_flops: float | None = None  # of this device, when known
+    _t0: float = 0.0
+    _signal: list[int] = field(default_factory=lambda: [0])
+    _signalled: bool = False
+    _progress: Any = None
+    _window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("steps", "time", "tokens", "data"), 0.0))
+
+    @classmethod
+    def begin(cls, cfg: Any, accelerator, run: Run, model, optimizer, total_steps: int) -> Loop:
+        """A loop at step 0, or at the run's last checkpoint (model, optimizer, RNG and the stage's state)."""
+        loop = cls(cfg, accelerator, run, model, optimizer, total_steps, peak_flops=peak_flops(accelerator.device))
+        if run.resume_from is not None:
+            state = run.load_checkpoint(accelerator)
+            loop.step, loop.train_time = state.pop("step"), state.pop("train_time_s")
+            loop.state = state
+            run.truncate_metrics(loop.step)
+            print_main(accelerator, f"Resuming {run.name} from step {loop.step} ({run.resume_from.name}).")
+        return loop
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def start(self, summary: str, init: ModelSource | None = None, **manifest: Any) -> None:
+        """Write the manifest (status 'running'), start the trackers, print the run's summary line. A stage that
+        starts from a trained model (`init`) records it as the parent, with the parameters it trains."""
+        if init is not None:
+            model = {"source": init.kind, "spec": init.spec, "lora": self.cfg.lora}
+            model["trainable_parameters"] = parameter_count(self.model, trainable_only=True)
+            manifest = {
+                "parent": init.run_name or init.path,
+                "preset": parent_manifest(init).get("preset"),
+                **manifest,
+                "model": model | manifest.get("model", {}),
+            }
+        self.run.start(config_to_dict(self.cfg), **manifest, world_size=self.world)
+        if self.cfg.tracker:
+            self.accelerator.init_trackers(self.run.name, config=config_to_dict(self.cfg))
+        print_main(self.accelerator, f"run {self.run.name}: {summary}")
+
+    # ------------------------------------------------------------ the loop
+
+    @contextmanager
+    def training(self):
+        """Around the loop: SIGTERM/SIGINT only set a flag (checked after each step), a progress bar, and a
+        crash marks the run failed (an interruption leaves it resumable)."""
+        self._signal = install_signal_handlers()
+        self._progress = progress_bar(self.accelerator, self.total_steps, self.step, self.run.stage)
+        try:
+            yield
+        except RunInterrupted:
+            raise  # a checkpoint was saved: the run stays resumable
+        except Exception:  # a user error or a crash: the run is marked failed, not left "running"
+            self.run.update(status="failed")
+            raise
+        finally:
+            self._progress.close()
+            restore_signal_handlers()
+
+    def steps(self) -> Iterator[float]:
+        """Each step's learning rate, set on every param group (scaled from its `base_lr`), until the step
+        budget or the time budget (`max_time_s`) is spent."""
+        cfg = self.cfg
+        while self.step < self.total_steps:
+            if cfg.max_time_s and self.train_time >= cfg.max_time_s:
+                self.stop_reason = "max_time_s"
+                return
+            self._t0 = time.perf_counter()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(
+                    self.step,
+                    self.total_steps,
+                    group["base_lr"],
+                    cfg.warmup_steps,
+                    cfg.schedule,
+                    cfg.min_lr_ratio,
+                    cfg.decay_fraction,
+                )
+            yield self.optimizer.param_groups[0]["lr"]
+
+    def optimizer_step(self, *parameter_sets) -> torch.Tensor | None:
+        """Clip the gradient norm (of each set given, else of the whole model), step and zero the gradients.
+        Returns the (first set's) norm before clipping, or None without clipping."""
+        norm = None
+        if self.cfg.grad_clip:
+            for params in parameter_sets or (self.model.parameters(),):
+                n = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
+                norm = n if norm is None else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def reduce(self, sums: torch.Tensor | None = None, tokens: float = 0.0) -> list[float]:
+        """End of a step: the stage's summed statistics, the tokens it trained on and "was any process
+        signalled" summed over all processes in one collective; returns the stage's sums."""
+        self.step += 1
+        device = self.accelerator.device
+        sums = torch.zeros(0, device=device) if sums is None else sums
+        extra = torch.tensor([float(tokens), float(self._signal[0])], dtype=sums.dtype, device=device)
+        flags = torch.cat([sums, extra])
+        flags = self.accelerator.reduce(flags, reduction="sum") if self.world > 1 else flags
+        *totals, tokens_total, signalled = flags.tolist()
+        self._signalled = signalled > 0
+        dt = time.perf_counter() - self._t0
+        self.train_time += dt
+        self._window["steps"] += 1
+        self._window["time"] += dt
+        self._window["tokens"] += tokens_total
+        return totals
+
+    @contextmanager
+    def waiting_for_data(self):
+        """Time spent fetching batches: logged as the share of step time (`data_wait_frac`)."""
+        t = time.perf_counter()
+        yield
+        self._window["data"] += time.perf_counter() - t
+
+    def log(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Stop on a non-finite loss; every `log_every` steps (and at the last) add the learning rate and the
+        timing fields (ms per step, tokens per second since the last log) and write the step's line."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        for key in WATCHED:
+            if key in metrics and not math.isfinite(metrics[key]):
+                what = "training loss" if key == "train_loss" else key
+                raise LLMTrainError(
+                    f"The {what} became {metrics[key]} at step {self.step} (lr {lr:.3g}); the run stopped. "
+                    f"The last good checkpoint is kept in {self.run.path}. "
+                    + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
+                )
+        self._progress.update(1)
+        self.last = metrics = {**metrics, "lr": lr}
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return metrics
+        # Tensors (a gradient norm) are read only here, on logging steps.
+        metrics = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        window = self._window
+        metrics["ms_per_step"] = 1000 * window["time"] / window["steps"]
+        if window["tokens"]:
+            metrics["tokens_per_s"] = window["tokens"] / window["time"]
+            if self.flops_per_token and self.peak_flops:
+                metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak_flops * self.world)
+        if window["data"]:
+            metrics["data_wait_frac"] = window["data"] / window["time"]
+        self._window = dict.fromkeys(window, 0.0)
+        self.run.log_metrics(self.step, metrics, self.accelerator)
+        shown = {k: f"{v:.3f}" for k, v in list(metrics.items())[:2]}
+        if "tokens_per_s" in metrics:
+            shown["tok_s"] = f"{metrics['tokens_per_s']:,.0f}"
+        self._progress.set_postfix(shown, refresh=False)
+        return metrics
+
+    def due(self, every: int) -> bool:
+        """Whether a periodic task (evaluation, samples) runs after this step; the final one is the finish's."""
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        self.run.log_metrics(self.step, metrics, self.accelerator)
+
+    def write(self, text: str) -> None:
+        """Print a line above the progress bar (main process)."""
+        if self.accelerator.is_main_process:
+            self._progress.write(text)
+
+    def checkpoint(self) -> None:
+        """After a step: on a signal, save and raise RunInterrupted; else save every `save_every` steps."""
+        signum = (self._signal[0] or signal.SIGTERM) if self._signalled else 0
+        state = {"train_time_s": self.train_time, **self.state}
+        self.run.checkpoint_after_step(self.accelerator, self.step, self.total_steps, state, self.cfg, signum)
+
+    # ------------------------------------------------------------ the end
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights for saving, once every process has finished training."""
+        self.accelerator.wait_for_everyone()
+        return full_state_dict(self.accelerator, self.model)
+
+    def finish(
+        self, final: dict[str, float], curves: dict[str, list[str]], message: str, histograms: dict | None = None
+    ) -> None:
+        """Mark the run finished with its metrics (the final ones, the last training loss, steps, time, stop
+        reason and the parent's, prefixed `parent_`), plot the curves, drop the checkpoints."""
+        metrics = {**final}
+        if "train_loss" in self.last:
+            metrics["train_loss"] = self.last["train_loss"]
+        metrics |= {"steps": self.step, "train_time_s": round(self.train_time, 2), "stop_reason": self.stop_reason}
+        metrics |= {f"parent_{k}": v for k, v in self.state.get("parent_metrics", {}).items()}
+        self.run.update(status="finished", metrics=metrics)
+        self.run.plot(curves, histograms)
+        self.run.remove_checkpoints()
+        end_run(self.accelerator)
+        print_main(
+            self.accelerator,
+            f"\nFinished {self.run.name}: {message}; {self.train_time:.1f} s training. Saved to {self.run.path}",
+        )

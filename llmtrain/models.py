@@ -1,0 +1,162 @@
+"""Loading and saving the models the stages train: causal LMs, reward models (sequence classifiers) and the
+scores a reward model gives a conversation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmtrain.data.preferences import answer_example
+from llmtrain.data.template import Unverifiable, chat_format
+from llmtrain.errors import LLMTrainError
+from llmtrain.generate import stop_token_ids
+from llmtrain.lora import model_to_save
+from llmtrain.registry import PRESETS, ModelSource
+from llmtrain.tokenizer import save_tokenizer
+
+# ---------------------------------------------------------------- loading
+
+
+def load_pretrained(cls, path: str, attn_implementation: str = "auto", **kwargs: Any):
+    """`cls.from_pretrained` with the attention the architecture supports: `auto` is SDPA where the architecture
+    has it, else eager (Gemma 2 refuses SDPA); any other value is passed on as it is."""
+    if attn_implementation != "auto":
+        return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    try:
+        return cls.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    except ValueError as e:
+        if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+            raise
+        return cls.from_pretrained(path, attn_implementation="eager", **kwargs)
+
+
+def load_causal_lm(source: ModelSource, runs_dir: str | Path, attn_implementation: str = "auto", **kwargs: Any):
+    """`AutoModelForCausalLM.from_pretrained` for a run, local checkpoint or Hub id, with a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return load_pretrained(AutoModelForCausalLM, source.path, attn_implementation, **kwargs)
+    except (OSError, ValueError) as e:
+        where = {
+            "hub": f"It is not a preset ({', '.join(PRESETS)}), not a run in {runs_dir} and not a local folder, "
+            "and loading it as a Hub model id failed",
+            "run": "The run folder could not be loaded",
+            "local": "The checkpoint folder could not be loaded",
+        }[source.kind]
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise LLMTrainError(f"Could not load model '{source.spec}'. {where}: {first_line}") from None
+
+
+def load_policy(init: ModelSource, tokenizer, cfg: Any, use_cache: bool = False):
+    """The causal LM a fine-tuning stage tunes, checked against its tokenizer. Training never needs the KV cache
+    (and packed rows must not use one); a stage that samples with the model keeps it (`use_cache`)."""
+    model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
+    if not use_cache:
+        model.config.use_cache = False
+    return model
+
+
+def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str = "auto"):
+    """A native sequence classifier with one output; a causal LM checkpoint gets a fresh score head. Its score is
+    read at the last token that is not padding, so padding uses `reward_pad_id` (which no answer ends with)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = load_pretrained(AutoModelForSequenceClassification, path, attn_implementation, num_labels=1)
+    except (OSError, ValueError) as e:
+        raise LLMTrainError(f"Could not load '{spec}' as a sequence classifier: {str(e).splitlines()[0]}") from None
+    model.config.pad_token_id = reward_pad_id(tokenizer)
+    return model
+
+
+def reward_pad_id(tokenizer) -> int:
+    """The padding id of reward batches. A sequence classifier reads its score at the last token that is not
+    padding, and every answer ends with a stop token, so the padding must never be one: where pad == eos
+    (Llama 3, SmolLM2) another special token (or id 0) pads instead."""
+    stops = set(stop_token_ids(tokenizer))
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, *tokenizer.all_special_ids]
+    return next(c for c in [*candidates, 0, 1, 2] if c is not None and c not in stops)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in every layer, and eval mode: sampling, scoring and training see the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.eval()
+
+
+# ---------------------------------------------------------------- reward scores
+
+
+def token_scores(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """A sequence classifier's score at every position, [B, T] (its usual output is the one at the last token)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+    backbone = getattr(base, base.base_model_prefix)
+    head = getattr(base, "score", None) or getattr(base, "classifier", None)
+    if head is None:
+        raise LLMTrainError(f"The sequence classifier {type(base).__name__} has no 'score' head to read values from.")
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64) -> list[float]:
+    """The reward model's score of each conversation's final assistant answer, read at the answer's last token
+    (its end-of-turn token), the same place reward training and PPO read it."""
+    pad = reward_pad_id(tokenizer)
+    scores: list[float] = []
+    for i in range(0, len(conversations), batch_size):
+        rows = [_answer_ids(tokenizer, c) for c in conversations[i : i + batch_size]]
+        longest = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=model.device)
+        mask = (torch.arange(longest)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).to(model.device)
+        scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return scores
+
+
+def _answer_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    try:
+        return answer_example(tokenizer, conversation[:-1], conversation[-1:]).input_ids
+    except Unverifiable:
+        # A generated reply the template renders in a way that cannot be located: score it as it was generated,
+        # the prompt, the reply's tokens and the end-of-turn token.
+        fmt = chat_format(tokenizer)
+        reply = tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"]
+        return fmt.prompt_ids(conversation[:-1]) + list(reply) + [fmt.end_of_turn_id]
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_policy(raw_model, state_dict, tokenizer, path: Path, cfg: Any, accelerator) -> None:
+    """Save a tuned causal LM as a Hugging Face checkpoint that generates until the end of its turn: merged
+    weights by default, or the LoRA adapter with --merge_lora false."""
+    if not accelerator.is_main_process:
+        return
+    model = model_to_save(raw_model, cfg)
+    if model is not raw_model and cfg.merge_lora:
+        state_dict = None  # the merged model's own weights, not the adapter-wrapped state
+    base = model.get_base_model() if cfg.lora and not cfg.merge_lora else model
+    # The model's own end-of-sequence ids stay; the template's end-of-turn token is added to them.
+    base.generation_config.eos_token_id = stop_token_ids(tokenizer, base)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.config.use_cache = True
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    save_tokenizer(tokenizer, path)
+
+
+def save_reward_model(raw_model, state_dict, tokenizer, path: Path, cfg: Any, accelerator) -> None:
+    """Save a reward model (merged, or the adapter with --merge_lora false) with the tokenizer that pads it."""
+    if not accelerator.is_main_process:
+        return
+    model = model_to_save(raw_model, cfg)
+    model.save_pretrained(path, state_dict=None if model is not raw_model else state_dict, safe_serialization=True)
+    save_tokenizer(tokenizer, path)
