@@ -13,7 +13,7 @@ from llmtrain.data.preferences import answer_example
 from llmtrain.data.template import Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
 from llmtrain.generate import stop_token_ids
-from llmtrain.lora import model_to_save
+from llmtrain.lora import add_lora, model_to_save
 from llmtrain.registry import PRESETS, ModelSource
 from llmtrain.tokenizer import save_tokenizer
 
@@ -50,15 +50,15 @@ def load_causal_lm(source: ModelSource, runs_dir: str | Path, attn_implementatio
         raise LLMTrainError(f"Could not load model '{source.spec}'. {where}: {first_line}") from None
 
 
-def load_policy(init: ModelSource, tokenizer, cfg: Any, use_cache: bool = False):
-    """The causal LM a fine-tuning stage tunes, checked against its tokenizer. Training never needs the KV cache
-    (and packed rows must not use one); a stage that samples with the model keeps it (`use_cache`)."""
+def load_policy(init: ModelSource, tokenizer, cfg: Any, accelerator, use_cache: bool = False):
+    """The causal LM a fine-tuning stage tunes, checked against its tokenizer, with LoRA adapters if `cfg.lora`.
+    Training never needs the KV cache (and packed rows must not use one); a stage that samples keeps it."""
     model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     if not use_cache:
         model.config.use_cache = False
-    return model
+    return add_lora(model, cfg, "CAUSAL_LM", accelerator) if cfg.lora else model
 
 
 def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str = "auto"):

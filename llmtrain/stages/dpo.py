@@ -24,7 +24,6 @@ from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step, prepare_frozen, process_share
 from llmtrain.evaluate import evaluate_answers, resolve_checker, win_rate
 from llmtrain.loop import Loop, open_run, prepare
-from llmtrain.lora import add_lora
 from llmtrain.losses import dpo_loss
 from llmtrain.models import load_causal_lm, load_policy, save_policy
 from llmtrain.registry import resolve_judge
@@ -46,9 +45,7 @@ def run(cfg: DpoConfig) -> Path:
 
     # ---- the policy (and LoRA)
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
-    model = load_policy(init, tokenizer, cfg)
-    if cfg.lora:
-        model = add_lora(model, cfg, "CAUSAL_LM", accelerator)
+    model = load_policy(init, tokenizer, cfg, accelerator)
 
     # ---- the pairs
     train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")

@@ -257,7 +257,7 @@ def _critic_kind(cfg: PpoConfig, reward: RewardSource) -> str | None:
 def _build_models(cfg: PpoConfig, init, tokenizer, reward: RewardSource, accelerator) -> tuple[ActorCritic, Any]:
     """The policy (LoRA optional) and its critic in one ActorCritic, and the frozen reference (None with LoRA: the
     reference is then the policy with its adapter disabled); the reward model is placed too. Dropout off everywhere."""
-    policy = load_policy(init, tokenizer, cfg, use_cache=True)  # rollouts sample with the KV cache
+    policy = load_policy(init, tokenizer, cfg, accelerator, use_cache=True)  # rollouts sample with the KV cache
     reference = None
     if not cfg.lora:
         reference = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
@@ -270,10 +270,8 @@ def _build_models(cfg: PpoConfig, init, tokenizer, reward: RewardSource, acceler
     elif kind is not None:
         path, spec = (reward.path, reward.spec) if kind == "reward" else (init.path, init.spec)
         critic = load_reward_model(path, tokenizer, spec, cfg.attn_implementation)
-    if cfg.lora:
-        policy = add_lora(policy, cfg, "CAUSAL_LM", accelerator)
-        if kind in ("reward", "policy"):
-            critic = add_lora(critic, cfg, "SEQ_CLS", accelerator)
+    if cfg.lora and kind in ("reward", "policy"):
+        critic = add_lora(critic, cfg, "SEQ_CLS", accelerator)
     actor_critic = ActorCritic(policy, critic, kind)
     for model in (actor_critic, reference, reward.model):
         if model is not None:

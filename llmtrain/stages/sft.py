@@ -27,7 +27,6 @@ from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step
 from llmtrain.evaluate import chat_eval_loss, evaluate_answers, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
-from llmtrain.lora import add_lora
 from llmtrain.models import load_policy, save_policy
 from llmtrain.tokenizer import load_tokenizer
 
@@ -43,11 +42,9 @@ def run(cfg: SftConfig) -> Path:
     accelerator, init, run = open_run(cfg, "sft", parent_stage="pretrain")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
-    # ---- model, tokenizer, LoRA
+    # ---- tokenizer, model (and LoRA)
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
-    model = load_policy(init, tokenizer, cfg)
-    if cfg.lora:
-        model = add_lora(model, cfg, "CAUSAL_LM", accelerator)
+    model = load_policy(init, tokenizer, cfg, accelerator)
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
     train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
