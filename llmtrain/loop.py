@@ -38,14 +38,7 @@ from llmtrain.flops import parameter_count, peak_flops
 from llmtrain.optim import build_optimizer, lr_at
 from llmtrain.registry import ModelSource, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
-from llmtrain.runtime import (
-    end_run,
-    install_signal_handlers,
-    make_accelerator,
-    print_main,
-    progress_bar,
-    restore_signal_handlers,
-)
+from llmtrain.runtime import make_accelerator
 
 # Logged values that stop the run when they are not finite, and what to try then, per stage.
 WATCHED = ("train_loss", "policy_loss", "value_loss", "reward_mean")
@@ -107,7 +100,7 @@ class Loop:
             loop.step, loop.train_time = state.pop("step"), state.pop("train_time_s")
             loop.state = state
             run.truncate_metrics(loop.step)
-            print_main(accelerator, f"Resuming {run.name} from step {loop.step} ({run.resume_from.name}).")
+            loop._print(f"Resuming {run.name} from step {loop.step} ({run.resume_from.name}).")
         return loop
 
     @property
@@ -129,16 +122,33 @@ class Loop:
         self.run.start(config_to_dict(self.cfg), **manifest, world_size=self.world)
         if self.cfg.tracker:
             self.accelerator.init_trackers(self.run.name, config=config_to_dict(self.cfg))
-        print_main(self.accelerator, f"run {self.run.name}: {summary}")
+        self._print(f"run {self.run.name}: {summary}")
 
     # ------------------------------------------------------------ the loop
 
     @contextmanager
     def training(self):
-        """Around the loop: SIGTERM/SIGINT only set a flag (checked after each step), a progress bar, and a
-        crash marks the run failed (an interruption leaves it resumable)."""
-        self._signal = install_signal_handlers()
-        self._progress = progress_bar(self.accelerator, self.total_steps, self.step, self.run.stage)
+        """Around the loop: SIGTERM/SIGINT only set a flag, which the step's reduction shares, so that every
+        process checkpoints after the same step; a progress bar; a crash marks the run failed (an interruption
+        leaves it resumable)."""
+        from tqdm.auto import tqdm
+
+        received = self._signal = [0]
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, lambda signum, frame: received.__setitem__(0, signum))
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals keep their default
+                pass
+        main = self.accelerator.is_main_process
+        self._progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.run.stage,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not main,
+        )
         try:
             yield
         except RunInterrupted:
@@ -148,7 +158,8 @@ class Loop:
             raise
         finally:
             self._progress.close()
-            restore_signal_handlers()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def steps(self) -> Iterator[float]:
         """Each step's learning rate, set on every param group (scaled from its `base_lr`), until the step
@@ -280,8 +291,16 @@ class Loop:
         self.run.update(status="finished", metrics=metrics)
         self.run.plot(curves, histograms)
         self.run.remove_checkpoints()
-        end_run(self.accelerator)
-        print_main(
-            self.accelerator,
-            f"\nFinished {self.run.name}: {message}; {self.train_time:.1f} s training. Saved to {self.run.path}",
+        # Finish the trackers once all processes are here, and leave the process group up: Accelerate's
+        # end_training() destroys it while the stage still holds the DDP-wrapped model, and freeing that model
+        # afterwards can hang in the gloo group's destructor (seen in 2-process runs).
+        self.accelerator.wait_for_everyone()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self._print(
+            f"\nFinished {self.run.name}: {message}; {self.train_time:.1f} s training. Saved to {self.run.path}"
         )
+
+    def _print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, flush=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -115,56 +114,3 @@ def cache_dir(configured: str | None = None) -> Path:
     path = Path(configured or os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def print_main(accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        print(message, flush=True)
-
-
-_previous_handlers: dict[int, Any] = {}
-
-
-def install_signal_handlers() -> list[int]:
-    """SIGTERM/SIGINT set a flag (the returned one-item list) that a loop checks after each step,
-    to checkpoint and exit cleanly instead of dying mid-step."""
-    received = [0]
-
-    def handler(signum, frame):
-        received[0] = signum
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            _previous_handlers[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. a notebook worker): signals keep their default
-            pass
-    return received
-
-
-def restore_signal_handlers() -> None:
-    for sig, old in _previous_handlers.items():
-        signal.signal(sig, old)
-    _previous_handlers.clear()
-
-
-def progress_bar(accelerator, total: int, initial: int, desc: str):
-    """A step progress bar on the main process only."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
-
-
-def end_run(accelerator) -> None:
-    """The end of a stage on every process: finish the trackers once all processes are here, and leave the
-    process group up. Accelerate's end_training() destroys it while the stage still holds the DDP-wrapped
-    model; freeing that model afterwards can hang in the gloo group's destructor (seen in 2-process runs)."""
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:
-        tracker.finish()
