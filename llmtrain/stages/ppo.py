@@ -147,9 +147,8 @@ def run(cfg: PpoConfig) -> Path:
             with torch.no_grad(), accelerator.autocast():
                 old_logprobs, ref_logprobs, old_values = score_rollout(raw, reference, rollout, cfg)
                 raw_scores = reward.score(rollout, _micro_size(cfg))
-            if (
-                loop.state["reward_shift"] is None
-            ):  # the first rollout is the starting policy's: center the scores on it
+            # The first rollout is the starting policy's: the scores are centered on it from then on.
+            if loop.state["reward_shift"] is None:
                 everyone = torch.ones_like(raw_scores)
                 shift = float(masked_mean(raw_scores, everyone, reduce)) if cfg.center_rewards else 0.0
                 loop.state["reward_shift"] = shift
