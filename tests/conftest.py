@@ -10,8 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, reward_config, tiny_config, tiny_sft_config  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -43,31 +42,6 @@ def small_corpus(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_config(runs_dir: Path, data: Path, **overrides):
-    """A gpt-nano pretraining config that runs in a few seconds on a CPU."""
-    from llmtrain.config import PretrainConfig
-
-    values = dict(
-        runs_dir=str(runs_dir),
-        data=str(data),
-        preset="gpt-nano",
-        vocab_size=320,
-        seq_len=32,
-        batch_size=8,
-        max_steps=40,
-        warmup_steps=5,
-        lr=3e-3,
-        eval_every=20,
-        eval_batches=4,
-        log_every=1,
-        save_every=0,
-        num_samples=2,
-        sample_tokens=8,
-    )
-    values.update(overrides)
-    return PretrainConfig(**values)
-
-
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, small_corpus) -> Path:
     """One finished gpt-nano pretraining run, shared by the tests that only read it."""
@@ -77,57 +51,12 @@ def finished_run(tmp_path_factory, small_corpus) -> Path:
     return pretrain.run(tiny_config(runs, small_corpus, run_name="tiny", max_steps=60, seq_len=64))
 
 
-def tiny_sft_config(runs_dir: Path, **overrides):
-    """An SFT config that tunes the `tiny` run in a few seconds."""
-    from llmtrain.config import SftConfig
-
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="tiny",
-        max_rows=400,
-        batch_size=16,
-        max_steps=30,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        task_eval_rows=24,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-        num_samples=1,
-        max_new_tokens=12,
-    )
-    values.update(overrides)
-    return SftConfig(**values)
-
-
 @pytest.fixture(scope="session")
 def sft_run(finished_run) -> Path:
     """One finished SFT run of `tiny`, shared by the SFT and reward tests."""
     from llmtrain.stages import sft
 
     return sft.run(tiny_sft_config(finished_run.parent, run_name="sft-tiny"))
-
-
-def reward_config(runs_dir: Path, **overrides):
-    """A reward-model config that trains on `sft-tiny` in a few seconds."""
-    from llmtrain.config import RewardConfig
-
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="sft-tiny",
-        max_rows=600,
-        batch_size=16,
-        max_steps=60,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-    )
-    values.update(overrides)
-    return RewardConfig(**values)
 
 
 @pytest.fixture(scope="session")

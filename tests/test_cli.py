@@ -1,39 +1,12 @@
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO, TINY_FLAGS, env_for
 
 from llmtrain.cli import main
-
-TINY_FLAGS = [
-    "--preset",
-    "gpt-nano",
-    "--vocab_size",
-    "320",
-    "--seq_len",
-    "32",
-    "--batch_size",
-    "8",
-    "--eval_every",
-    "10",
-    "--eval_batches",
-    "2",
-    "--num_samples",
-    "1",
-    "--sample_tokens",
-    "4",
-]
-
-
-def env_for(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LLMTRAIN_RUNS_DIR=str(tmp_path / "runs"))
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    return env
 
 
 def test_runs_lists_the_registry(finished_run, capsys):

@@ -6,7 +6,6 @@ launch/deepspeed-zero*.yaml as shipped, through tests/engines_on_cpu.py (see the
 changes on CPUs). Each stage's one-process reference is run once per module and shared by its engines.
 """
 
-import json
 import socket
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import REPO
+from helpers import REPO, TINY_FLAGS, env_for, logged, manifest
 from safetensors.torch import load_file
-from test_cli import TINY_FLAGS, env_for
 
 from llmtrain.config import SftConfig
 from llmtrain.errors import LLMTrainError
@@ -48,18 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def logged(run_dir) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
-
-
-def manifest(run_dir: Path) -> dict:
-    return json.loads((run_dir / "llmtrain.json").read_text())
 
 
 def launch_two(engine: str, stop_at_step: int | None = None) -> list[str]:
@@ -196,7 +182,7 @@ def test_dpo_with_reference_and_judge_on_two_processes_matches_one_process(tmp_p
 @pytest.fixture(scope="module")
 def ppo_args(sft_run) -> list[str]:
     # One minibatch per PPO epoch, so that both runs see the same minibatches.
-    args = [str(REPO / "recipes" / "ppo.py"), "--init", str(sft_run), "--reward_fn", "test_ppo:short_answer_reward"]
+    args = [str(REPO / "recipes" / "ppo.py"), "--init", str(sft_run), "--reward_fn", "helpers:short_answer_reward"]
     args += ["--max_steps", "3", "--task", "none", "--max_length", "64", "--max_new_tokens", "8"]
     return args + ["--task_eval_rows", "8", "--ppo_epochs", "2", "--num_mini_batches", "1", "--value_lr", "1e-3"]
 

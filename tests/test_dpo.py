@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-from test_distributed import logged
+from helpers import logged
 from transformers import AutoModelForCausalLM
 
 from llmtrain.config import DpoConfig

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, metadata_load
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -5,8 +5,7 @@ import subprocess
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from conftest import REPO
-from test_cli import env_for
+from helpers import REPO, env_for
 
 LAUNCH = REPO / "launch"
 

@@ -183,7 +183,7 @@ def test_every_reader_scores_an_answer_at_its_end_of_turn_where_pad_is_eos(name,
 
 
 def test_continued_pretraining_keeps_the_models_own_end_of_sequence_ids(family_models, small_corpus, tmp_path):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from llmtrain.stages import pretrain
 

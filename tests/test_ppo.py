@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO, env_for, logged, manifest
 from safetensors.torch import load_file
-from test_cli import env_for
 from transformers import AutoModelForCausalLM
 
 from llmtrain.config import PpoConfig
@@ -19,17 +18,8 @@ from llmtrain.rewards import load_reward
 from llmtrain.rollout import Rollout
 from llmtrain.stages import ppo
 
-TOY_REWARD = "test_ppo:short_answer_reward"
+TOY_REWARD = "helpers:short_answer_reward"
 ANSWER_REWARD = "llmtrain.data.default_task:answer_reward"
-
-
-def short_answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """A toy reward the tiny SFT model can learn in a few dozen steps: the shorter the answer, the better."""
-    return [-len(r) / 10 for r in responses]
-
-
-def wrong_length_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    return [0.0]
 
 
 def ppo_config(runs_dir, **overrides) -> PpoConfig:
@@ -51,18 +41,6 @@ def ppo_config(runs_dir, **overrides) -> PpoConfig:
     )
     values.update(overrides)
     return PpoConfig(**values)
-
-
-def logged(run_dir) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
-
-
-def manifest(run_dir) -> dict:
-    return json.loads((run_dir / "llmtrain.json").read_text())
 
 
 def plain_checkpoint(run_dir, dest):
@@ -246,7 +224,7 @@ def test_bad_reward_settings_say_what_to_do(sft_run, reward_run, tmp_path):
     with pytest.raises(LLMTrainError, match="is not a sequence classifier"):
         ppo.run(ppo_config(runs, reward_fn=None, reward_model="sft-tiny"))
     with pytest.raises(LLMTrainError, match=r"returned 1 scores for \d+ responses; it must return one float per"):
-        ppo.run(ppo_config(runs, reward_fn="test_ppo:wrong_length_reward", run_name="ppo-bad-fn"))
+        ppo.run(ppo_config(runs, reward_fn="helpers:wrong_length_reward", run_name="ppo-bad-fn"))
     with pytest.raises(LLMTrainError, match="--num_generations to 2 or more"):
         ppo.run(ppo_config(runs, advantage="group"))
     with pytest.raises(LLMTrainError, match="--value_model reward initialises the critic from the reward model"):

@@ -4,16 +4,11 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config, train_losses
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.stages import pretrain
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
 
 def test_loss_falls_and_the_run_is_a_loadable_hf_checkpoint(finished_run):

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import reward_config
+from helpers import reward_config
 from transformers import AutoModelForSequenceClassification
 
 from llmtrain.errors import LLMTrainError

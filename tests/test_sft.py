@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import tiny_sft_config
+from helpers import tiny_sft_config, train_losses
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.config import SftConfig
@@ -81,10 +81,6 @@ def test_eval_and_chat_commands_work_on_any_run(sft_run, capsys, monkeypatch):
 
 
 def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypatch):
-    def losses(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
-
     runs = finished_run.parent
     reference = sft.run(sft_config(runs, max_steps=16, task="none", run_name="sft-ref"))
     original = sft.batch_indices
@@ -100,7 +96,7 @@ def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypa
         sft.run(cfg)
     monkeypatch.setattr(sft, "batch_indices", original)
     resumed = sft.run(cfg)
-    a, b = losses(reference), losses(resumed)
+    a, b = train_losses(reference), train_losses(resumed)
     assert sorted(b) == list(range(1, 17))
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
     assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [8]

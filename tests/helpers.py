@@ -1,0 +1,136 @@
+"""Plain helpers shared by the tests: tiny stage configs, a subprocess environment, readers of a run's files and
+toy reward functions. Fixtures live in conftest.py; tests import from here, never from each other."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Recipe flags that make a pretraining run on the command line take a few seconds.
+TINY_FLAGS = [
+    "--preset",
+    "gpt-nano",
+    "--vocab_size",
+    "320",
+    "--seq_len",
+    "32",
+    "--batch_size",
+    "8",
+    "--eval_every",
+    "10",
+    "--eval_batches",
+    "2",
+    "--num_samples",
+    "1",
+    "--sample_tokens",
+    "4",
+]
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    """The environment of a recipe started in a subprocess: one thread, unbuffered, runs under tmp_path/runs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LLMTRAIN_RUNS_DIR=str(tmp_path / "runs"))
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    return env
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    """A run's metrics.jsonl as one merged row per step."""
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss logged at each step."""
+    return {step: row["train_loss"] for step, row in logged(run_dir).items() if "train_loss" in row}
+
+
+def manifest(run_dir: Path) -> dict:
+    """A run's llmtrain.json."""
+    return json.loads((run_dir / "llmtrain.json").read_text())
+
+
+def short_answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A toy reward the tiny SFT model can learn in a few dozen steps: the shorter the answer, the better."""
+    return [-len(r) / 10 for r in responses]
+
+
+def wrong_length_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A broken reward function: one score whatever the number of responses."""
+    return [0.0]
+
+
+def tiny_config(runs_dir: Path, data: Path, **overrides):
+    """A gpt-nano pretraining config that runs in a few seconds on a CPU."""
+    from llmtrain.config import PretrainConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        data=str(data),
+        preset="gpt-nano",
+        vocab_size=320,
+        seq_len=32,
+        batch_size=8,
+        max_steps=40,
+        warmup_steps=5,
+        lr=3e-3,
+        eval_every=20,
+        eval_batches=4,
+        log_every=1,
+        save_every=0,
+        num_samples=2,
+        sample_tokens=8,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def tiny_sft_config(runs_dir: Path, **overrides):
+    """An SFT config that tunes the `tiny` run in a few seconds."""
+    from llmtrain.config import SftConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="tiny",
+        max_rows=400,
+        batch_size=16,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        task_eval_rows=24,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        num_samples=1,
+        max_new_tokens=12,
+    )
+    values.update(overrides)
+    return SftConfig(**values)
+
+
+def reward_config(runs_dir: Path, **overrides):
+    """A reward-model config that trains on `sft-tiny` in a few seconds."""
+    from llmtrain.config import RewardConfig
+
+    values = dict(
+        runs_dir=str(runs_dir),
+        init="sft-tiny",
+        max_rows=600,
+        batch_size=16,
+        max_steps=60,
+        lr=3e-3,
+        warmup_steps=3,
+        max_length=64,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+    )
+    values.update(overrides)
+    return RewardConfig(**values)
