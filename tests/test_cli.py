@@ -9,7 +9,7 @@ from helpers import REPO, TINY_FLAGS, env_for
 from llmtrain.cli import main
 
 
-def test_runs_lists_the_registry(finished_run, capsys):
+def test_runs_lists_each_run_with_its_stage_status_and_headline_metric(finished_run, capsys):
     assert main(["runs", "--runs_dir", str(finished_run.parent)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["name", "stage", "status"]
@@ -17,7 +17,7 @@ def test_runs_lists_the_registry(finished_run, capsys):
     assert row.split()[1:3] == ["pretrain", "finished"] and "val_bpb=" in row
 
 
-def test_generate_samples_from_a_run(finished_run, capsys):
+def test_generate_continues_the_prompt_from_a_run(finished_run, capsys):
     code = main(
         [
             "generate",

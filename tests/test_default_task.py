@@ -107,7 +107,7 @@ def test_committed_data_matches_the_generator(runs: tuple[Path, Path]) -> None:
             assert committed.read_bytes() == (fresh / rel).read_bytes(), f"{rel} drifted"
 
 
-def test_row_counts_and_held_out_balance() -> None:
+def test_training_files_hold_6000_rows_and_held_out_files_the_same_400_prompts() -> None:
     for name in ("sft_train.jsonl", "prefs_train.jsonl"):
         assert len(read_jsonl(DATA_DIR / name)) == 6000
     val_prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "prompts_val.jsonl")]
@@ -140,7 +140,7 @@ def test_no_held_out_problem_in_any_training_file(held_out_keys: set[tuple[int, 
                 assert (min(x, y), max(x, y)) not in held_out_keys, sentence
 
 
-def test_corpus_format() -> None:
+def test_corpus_is_ascii_one_line_documents_of_three_to_eight_sentences() -> None:
     raw = (DATA_DIR / "corpus.txt").read_bytes()
     assert 1_000_000 <= len(raw) <= 1_500_000
     text = raw.decode("ascii")

@@ -112,7 +112,7 @@ REFUSE_SYSTEM = {"mistral", "gemma2"}
 TIED = {"qwen2.5", "qwen3", "llama3.2", "smollm2", "gemma2", "gemma3", "gpt2"}
 
 
-def test_families_in_order():
+def test_every_family_has_a_published_row_in_the_same_order():
     assert FAMILIES == tuple(PUBLISHED)
 
 
@@ -157,7 +157,7 @@ def test_chat_template_renders_as_published(family_models, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_model_loads_and_runs(family_models, name):
+def test_each_family_loads_as_its_published_class_and_gives_finite_logits(family_models, name):
     folder = family_models[name]
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)

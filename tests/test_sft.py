@@ -46,7 +46,7 @@ def test_an_unresolvable_init_is_reported(tmp_path):
         sft.run(sft_config(tmp_path, init="gpt-nope"))
 
 
-def test_packing_trains_as_well(finished_run):
+def test_packed_sft_lowers_the_held_out_loss_with_several_examples_per_row(finished_run):
     run_dir = sft.run(sft_config(finished_run.parent, packing=True, run_name="sft-packed", max_steps=15))
     m = json.loads((run_dir / "llmtrain.json").read_text())
     assert m["metrics"]["val_loss"] < m["metrics"]["parent_val_loss"] - 0.5
@@ -67,7 +67,7 @@ def test_lora_is_merged_by_default_or_kept_as_an_adapter(finished_run):
     assert json.loads((kept / "llmtrain.json").read_text())["model"]["trainable_parameters"] < 20_000
 
 
-def test_eval_and_chat_commands_work_on_any_run(sft_run, capsys, monkeypatch):
+def test_eval_prints_held_out_metrics_and_chat_answers_a_prompt(sft_run, capsys, monkeypatch):
     import io
 
     from llmtrain.cli import main
