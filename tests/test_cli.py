@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import REPO, TINY_FLAGS, env_for
 
 from llmtrain.cli import main
@@ -44,6 +45,7 @@ def test_user_errors_print_one_message_and_no_traceback(tmp_path, capsys):
     assert "Could not load model 'no-such-run'. It is not a preset" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_recipe_end_to_end(tmp_path, small_corpus):
     cmd = [
         "accelerate",
@@ -72,6 +74,7 @@ def test_accelerate_launch_runs_the_recipe_end_to_end(tmp_path, small_corpus):
     assert manifest["status"] == "finished" and manifest["metrics"]["steps"] == 20
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus):
     cmd = [
         sys.executable,

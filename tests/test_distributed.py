@@ -99,6 +99,7 @@ def assert_same_run(one: Path, two: Path, steps: int, keys=("train_loss",)) -> N
 # ---------------------------------------------------------------- pretraining and the reward model (DDP)
 
 
+@pytest.mark.slow
 def test_pretraining_with_two_processes_matches_one_process(tmp_path, small_corpus):
     # DDP only: ZeRO-3 builds a new model already partitioned, a different (valid) random init.
     args = [str(REPO / "recipes" / "pretrain.py"), "--data", str(small_corpus), "--max_steps", "12"]
@@ -106,6 +107,7 @@ def test_pretraining_with_two_processes_matches_one_process(tmp_path, small_corp
     assert_same_run(one_process(tmp_path, args, 8), two_processes(tmp_path, "ddp", args, 4), 12)
 
 
+@pytest.mark.slow
 def test_reward_model_with_two_processes_matches_one_process(tmp_path, sft_run):
     args = [str(REPO / "recipes" / "reward.py"), "--init", str(sft_run), "--max_rows", "200", "--max_steps", "6"]
     args += ["--log_every", "1", "--eval_every", "0", "--max_length", "64", "--lr", "3e-3"]
@@ -129,10 +131,12 @@ def sft_one(tmp_path_factory, sft_args) -> Path:
     return one_process(tmp_path_factory.mktemp("sft-one"), sft_args, 4)
 
 
+@pytest.mark.slow
 def test_sft_under_zero3_matches_one_process(tmp_path, sft_args, sft_one):
     assert_same_run(sft_one, two_processes(tmp_path, "zero3", sft_args, 2), 8)
 
 
+@pytest.mark.slow
 def test_sft_under_fsdp2_through_a_sharded_checkpoint_matches_one_process(tmp_path, sft_args, sft_one):
     """Stopped after step 4 (every process writes its shard of the checkpoint) and resumed on 2 processes."""
     stopped = [*launch_two("fsdp2", stop_at_step=4), *sft_args, "--batch_size", "2", "--run_name", "two"]
@@ -146,6 +150,7 @@ def test_sft_under_fsdp2_through_a_sharded_checkpoint_matches_one_process(tmp_pa
     assert_same_run(sft_one, two, 8)
 
 
+@pytest.mark.slow
 def test_sft_stopped_on_two_processes_resumes_on_one_on_the_same_curve(tmp_path, sft_args, sft_one):
     """DDP checkpoints hold whole weights and optimizer state: stopped after step 4 on 2 processes (batch B
     each), the run resumes on 1 process (batch 2B) and ends where the one-process run ends."""
@@ -173,6 +178,7 @@ def dpo_one(tmp_path_factory, dpo_args) -> Path:
     return one_process(tmp_path_factory.mktemp("dpo-one"), dpo_args, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])
 def test_dpo_with_reference_and_judge_on_two_processes_matches_one_process(tmp_path, dpo_args, dpo_one, engine):
     # Under ZeRO-3 the reference and the judge run in engines of their own.
@@ -192,6 +198,7 @@ def ppo_one(tmp_path_factory, ppo_args) -> Path:
     return one_process(tmp_path_factory.mktemp("ppo-one"), ppo_args + ["--lr", "3e-4"], 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_ppo_on_two_processes_matches_one_process(tmp_path, ppo_args, ppo_one, engine):
     """Rollouts sharded across processes, whitening and losses over the global batch. Under FSDP2 the policy

@@ -95,6 +95,7 @@ def test_lora_uses_the_adapter_disabled_base_as_reference(sft_run):
     AutoModelForCausalLM.from_pretrained(out)  # merged on save
 
 
+@pytest.mark.slow
 def test_dpo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
     runs = sft_run.parent
     reference = logged(dpo.run(dpo_config(runs, max_steps=10, task="none", run_name="dpo-ref", precompute_ref=True)))

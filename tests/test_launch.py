@@ -16,6 +16,7 @@ def test_every_launch_config_is_accepted_by_accelerate(name):
     assert config.num_processes >= 1 and config.num_machines == 1
 
 
+@pytest.mark.slow
 def test_the_cpu_config_really_starts_two_processes(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(
@@ -52,6 +53,7 @@ rc=0; for job in $(jobs -p); do wait "$job" || rc=$?; done; exit $rc
 """
 
 
+@pytest.mark.slow
 def test_the_slurm_script_joins_the_nodes_into_one_group(tmp_path):
     """Two simulated nodes with one process each (fake srun/scontrol on this machine) form one world of 2."""
     bin_dir = tmp_path / "bin"

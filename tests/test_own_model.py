@@ -45,7 +45,13 @@ def data(files: dict[str, str], kind: str) -> dict[str, str]:
     return {"data": files[f"{kind}_train"], "eval_data": files[f"{kind}_val"]}
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# Between them these three run every variant below; the other six families run in the slow tier.
+QUICK_FAMILIES = ("qwen3", "gemma3", "gpt2")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in QUICK_FAMILIES else [pytest.mark.slow]) for n in FAMILIES]
+)
 def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
     name, family_models, task_files, tmp_path, capsys
 ):

@@ -1,10 +1,12 @@
 import json
 
+import pytest
 import yaml
 
 from llmtrain.cli import main
 
 
+@pytest.mark.slow
 def test_pipeline_runs_the_stages_in_order_then_skips_what_exists(tmp_path, small_corpus, capsys):
     recipe = tmp_path / "pipeline.yaml"
     recipe.write_text(
@@ -109,6 +111,7 @@ def test_the_gpu_pipeline_recipe_reads_every_stage_recipe(monkeypatch):
         assert cfg != STAGE_CONFIGS[stage]()  # the GPU recipe, not the CPU defaults
 
 
+@pytest.mark.slow
 def test_a_recipe_that_names_a_model_starts_at_sft_from_it_with_its_own_template(
     tmp_path, family_models, monkeypatch, capsys
 ):

@@ -231,6 +231,7 @@ def test_bad_reward_settings_say_what_to_do(sft_run, reward_run, tmp_path):
         ppo.run(ppo_config(runs, value_model="reward"))
 
 
+@pytest.mark.slow
 def test_ppo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
     runs = sft_run.parent
     reference = ppo.run(ppo_config(runs, max_steps=5, task="none", run_name="ppo-ref"))
@@ -254,6 +255,7 @@ def test_ppo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
             assert a[s][key] == pytest.approx(b[s][key], abs=1e-5), (s, key)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sft_run, tmp_path):
     cmd = [
         sys.executable,

@@ -38,6 +38,7 @@ def test_manifest_records_lineage_config_data_and_metrics(finished_run):
     assert not (finished_run / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path, small_corpus, monkeypatch):
     reference = pretrain.run(tiny_config(tmp_path / "a", small_corpus, max_steps=30, eval_every=0))
 
@@ -65,6 +66,7 @@ def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path, small_corp
     assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [13]
 
 
+@pytest.mark.slow
 def test_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, small_corpus, monkeypatch):
     original = pretrain.TokenWindows.random_batch
 
@@ -167,6 +169,7 @@ def test_a_corpus_smaller_than_one_window_is_reported(tmp_path):
         pretrain.run(tiny_config(tmp_path, tiny, seq_len=512))
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_plain_hf_weights(tmp_path, small_corpus):
     from safetensors.torch import load_file
 

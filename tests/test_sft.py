@@ -80,6 +80,7 @@ def test_eval_prints_held_out_metrics_and_chat_answers_a_prompt(sft_run, capsys,
     assert "model> " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypatch):
     runs = finished_run.parent
     reference = sft.run(sft_config(runs, max_steps=16, task="none", run_name="sft-ref"))
