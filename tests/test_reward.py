@@ -20,16 +20,34 @@ def test_the_reward_model_learns_to_rank_chosen_above_rejected(reward_run):
     assert (reward_run / "curves.png").stat().st_size > 1000
 
 
-def test_the_reward_run_is_a_native_one_score_classifier(reward_run, capsys):
-    from llmtrain.cli import main
-
+def test_the_reward_run_is_a_native_one_score_classifier(reward_run):
     model = AutoModelForSequenceClassification.from_pretrained(reward_run)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-    args = ["score", "rm-tiny", "--prompt", "What is 12 + 30?", "--runs_dir", str(reward_run.parent)]
+
+
+def test_score_puts_the_answer_a_reward_model_was_taught_to_prefer_above_the_rejected_one(sft_run, tmp_path, capsys):
+    from llmtrain.cli import main
+
+    # Eight sums whose rejected answer is ten too high, each pair seen 40 times: the tiny model learns these
+    # (right minus wrong was 5 to 15 over seven seeds), while it ranks unseen sums little better than chance.
+    sums = [(12, 30), (23, 45), (31, 27), (40, 16), (52, 13), (61, 24), (70, 18), (14, 33)]
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 10}"}
+        for a, b in sums
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = reward_config(
+        tmp_path, init=str(sft_run), data=str(data), eval_data=str(data), batch_size=8, max_steps=40, lr=1e-2
+    )
+    run_dir = reward.run(cfg)
+    assert json.loads((run_dir / "llmtrain.json").read_text())["metrics"]["reward_accuracy"] == 1.0
+    capsys.readouterr()
+    args = ["score", run_dir.name, "--prompt", "What is 12 + 30?", "--runs_dir", str(tmp_path)]
     assert main([*args, "--response", "12 + 30 = 42"]) == 0
     right = float(capsys.readouterr().out)
     assert main([*args, "--response", "12 + 30 = 52"]) == 0
-    assert float(capsys.readouterr().out) != right
+    assert right > float(capsys.readouterr().out) + 1.0
 
 
 def test_latest_init_without_an_sft_run_says_how_to_make_one(tmp_path):

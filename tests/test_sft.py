@@ -18,7 +18,8 @@ def test_sft_lowers_the_held_out_loss_and_records_parent_and_task_accuracy(sft_r
     assert m["stage"] == "sft" and m["status"] == "finished" and m["parent"] == "tiny"
     metrics = m["metrics"]
     assert metrics["val_loss"] < metrics["parent_val_loss"] - 0.5
-    assert 0.0 <= metrics["task_accuracy"] <= 1.0 and "parent_task_accuracy" in metrics
+    # 30 steps teach the answer format, not the sums: task accuracy stays 0 (measured), so it is only recorded.
+    assert {"task_accuracy", "parent_task_accuracy"} <= set(metrics)
     assert m["data"]["rows"] == 400 and m["data"]["trained_tokens"] > 0
     assert (sft_run / "curves.png").is_file()
 
