@@ -121,6 +121,9 @@ class Loop:
             }
         self.run.start(config_to_dict(self.cfg), **manifest, world_size=self.world)
         if self.cfg.tracker:
+            # A tracker that writes files (TensorBoard) writes into <logging dir>/<run name>: the run's own folder,
+            # which for a replacement is .overwrite/NAME, never the run it replaces.
+            self.accelerator.project_configuration.logging_dir = str(self.run.path.parent)
             self.accelerator.init_trackers(self.run.name, config=config_to_dict(self.cfg))
         self._print(f"run {self.run.name}: {summary}")
 
@@ -130,7 +133,7 @@ class Loop:
     def training(self):
         """Around the loop: SIGTERM/SIGINT only set a flag, which the step's reduction shares, so that every
         process checkpoints after the same step; a progress bar; a crash marks the run failed (an interruption
-        leaves it resumable)."""
+        leaves it resumable); either way the run's lock is released."""
         from tqdm.auto import tqdm
 
         received = self._signal = [0]
@@ -152,9 +155,11 @@ class Loop:
         try:
             yield
         except RunInterrupted:
+            self.run.release()
             raise  # a checkpoint was saved: the run stays resumable
         except Exception:  # a user error or a crash: the run is marked failed, not left "running"
             self.run.update(status="failed")
+            self.run.release()
             raise
         finally:
             self._progress.close()
@@ -282,7 +287,8 @@ class Loop:
         self, final: dict[str, float], curves: dict[str, list[str]], message: str, histograms: dict | None = None
     ) -> None:
         """Mark the run finished with its metrics (the final ones, the last training loss, steps, time, stop
-        reason and the parent's, prefixed `parent_`), plot the curves, drop the checkpoints."""
+        reason and the parent's, prefixed `parent_`), plot the curves, drop the checkpoints; then a replacement
+        (--overwrite) takes the place of the run it replaces, and the run's lock is released."""
         metrics = {**final}
         if "train_loss" in self.last:
             metrics["train_loss"] = self.last["train_loss"]
@@ -291,6 +297,7 @@ class Loop:
         self.run.update(status="finished", metrics=metrics)
         self.run.plot(curves, histograms)
         self.run.remove_checkpoints()
+        self.run.close()
         # Finish the trackers once all processes are here, and leave the process group up: Accelerate's
         # end_training() destroys it while the stage still holds the DDP-wrapped model, and freeing that model
         # afterwards can hang in the gloo group's destructor (seen in 2-process runs).

@@ -155,7 +155,8 @@ def new_run_name(stage: str, label: str, runs_dir: str | Path) -> str:
     """A readable unique name: stage-label-YYYYmmdd-HHMMSS (with a suffix if taken)."""
     base = f"{stage}-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}-{datetime.now():%Y%m%d-%H%M%S}"
     name, i = base, 1
-    while (Path(runs_dir) / name).exists():
+    # A run's lock file reserves its name before its folder exists (the folder is made when the run starts).
+    while (Path(runs_dir) / name).exists() or (Path(runs_dir) / f".{name}.lock").exists():
         i += 1
         name = f"{base}-{i}"
     return name
@@ -186,6 +187,8 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
         return []
     runs = []
     for manifest_path in root.glob(f"*/{MANIFEST}"):
+        if manifest_path.parent.name.startswith("."):  # llmtrain's own bookkeeping, e.g. a run being replaced
+            continue
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):

@@ -6,14 +6,24 @@ Layout of a run (a Hugging Face checkpoint plus bookkeeping):
     metrics.jsonl                                     one line per logged step
     curves.png                                        train/val curves
     checkpoints/step-0000500/                         resumable training state (removed when finished)
+
+Beside it, while a process trains in it, `.NAME.lock` (pid, host, start time): a second start on NAME is refused.
+With --overwrite of an existing run, the new run trains in `.overwrite/NAME` and takes NAME's place only once it has
+finished, so a failure or an interruption before that leaves the old run as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
+import socket
 import subprocess
+import threading
+import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,8 @@ from llmtrain.registry import latest_run, new_run_name, read_manifest, timestamp
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
+OVERWRITE = ".overwrite"  # beside the runs: where a run that replaces another trains until it has finished
+REPLACED = ".replaced"  # where the run it replaces waits during the swap, to be deleted right after
 
 
 @dataclass
@@ -37,6 +49,8 @@ class Run:
     resume_from: Path | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     engine: str = "NO"  # how the processes share the work: MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED ZeRO-3...
+    replaces: Path | None = None  # with --overwrite: the run folder this run takes the place of when it finishes
+    lock: RunLock | None = None  # held by the main process from the opening to the end of the run
 
     @property
     def name(self) -> str:
@@ -46,15 +60,18 @@ class Run:
 
     @classmethod
     def open(cls, config: Any, stage: str, label: str, accelerator) -> Run:
-        """Pick the run folder and decide: fresh start, resume from its last checkpoint, or refuse."""
+        """Pick the run folder and decide: fresh start, resume from its last checkpoint, or refuse. The main process
+        locks the run; the folder itself is made only when the run starts (`start`)."""
         from accelerate.utils import broadcast_object_list
 
         runs_dir = Path(config.runs_dir)
-        decision: list[Any] = [None, None]  # [run name, checkpoint to resume from]
+        decision: list[Any] = [None, None, None]  # [folder to write, checkpoint to resume from, run it replaces]
         error: list[Any] = [None]
+        lock = None
         if accelerator.is_main_process:
             try:
-                decision = list(_decide(config, stage, label, runs_dir))
+                *paths, lock = _decide(config, stage, label, runs_dir)
+                decision = [str(p) if p else None for p in paths]
             except LLMTrainError as e:
                 error = [str(e)]
         if accelerator.num_processes > 1:
@@ -62,23 +79,39 @@ class Run:
             broadcast_object_list(decision)
         if error[0]:
             raise LLMTrainError(error[0])
-        name, resume_from = decision
-        run = cls(runs_dir / name, stage, accelerator.is_main_process, Path(resume_from) if resume_from else None)
+        path, resume_from, replaces = (Path(p) if p else None for p in decision)
+        run = cls(path, stage, accelerator.is_main_process, resume_from, replaces=replaces, lock=lock)
         run.engine = accelerator.distributed_type.value
         if accelerator.state.deepspeed_plugin is not None:
             run.engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-        if run.is_main:
-            run.path.mkdir(parents=True, exist_ok=True)
-            if run.resume_from is None:
-                # A fresh start inside an unfinished folder: drop stale curves so they do not mix.
-                (run.path / METRICS).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
         return run
+
+    def close(self) -> None:
+        """The end of a finished run: a replacement takes the place of the run it replaces, the lock is released."""
+        if self.replaces is not None:
+            if self.is_main:
+                _swap(self.path, self.replaces)
+            self.path, self.replaces = self.replaces, None
+        self.release()
+
+    def release(self) -> None:
+        """Release the run's lock (a failed or interrupted run too): another process may then start in it."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------ manifest
 
     def start(self, config: dict[str, Any], **fields: Any) -> None:
-        """Write the manifest of a run that has started (status 'running')."""
+        """Make the run folder (only now, so a stage that fails on its input leaves none) and write the manifest
+        of a run that has started (status 'running')."""
+        if self.is_main and self.resume_from is None:
+            if self.replaces is not None:
+                shutil.rmtree(self.path, ignore_errors=True)  # an earlier replacement that failed before a checkpoint
+            else:
+                (self.path / METRICS).unlink(missing_ok=True)  # a fresh start in an unfinished folder: no stale curve
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
         previous = _read_if_any(self.path)
         self.manifest = {
             "name": self.name,
@@ -226,7 +259,8 @@ def latest_checkpoint(run_path: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[str, str | None]:
+def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[Path, Path | None, Path | None, RunLock]:
+    """(folder to write, checkpoint to resume from or None, run folder it replaces or None, the run's lock)."""
     name = config.run_name
     if config.resume and not name:
         run = latest_run(runs_dir, stage, finished=False)
@@ -238,26 +272,243 @@ def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[str, s
             )
         name = Path(unfinished["_dir"]).name
     if not name:
-        return new_run_name(stage, label, runs_dir), None
+        # The lock file reserves a new name until the folder is made: two starts in one second get two names.
+        for _ in range(100):
+            path = runs_dir / new_run_name(stage, label, runs_dir)
+            try:
+                return path, None, None, RunLock.acquire(path)
+            except RunLocked:
+                continue
+        raise LLMTrainError(f"Could not reserve a new run name in {runs_dir}; give one with --run_name.")
+    if Path(name).name.startswith("."):
+        raise LLMTrainError(
+            f"--run_name {name}: names starting with '.' are kept for llmtrain's own bookkeeping beside the runs "
+            f"(locks, runs being replaced). Choose a name without the leading dot."
+        )
     path = runs_dir / name
+    lock = RunLock.acquire(path)
+    try:
+        _complete_cut_swap(path)
+        return (*_decide_named(config, stage, path), lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _decide_named(config: Any, stage: str, path: Path) -> tuple[Path, Path | None, Path | None]:
+    name, runs_dir = path.name, path.parent
     if config.resume and not path.is_dir():
         raise LLMTrainError(f"--resume: run '{name}' does not exist in {runs_dir}. See `llmtrain runs`.")
     manifest = _read_if_any(path)
-    if manifest.get("status") == "finished":
-        if not config.overwrite:
-            raise LLMTrainError(
-                f"Run '{name}' in {runs_dir} is finished; it will not be overwritten. Pass --overwrite to "
-                f"replace it, or choose another --run_name."
-            )
-        shutil.rmtree(path)
-        return name, None
-    if manifest and manifest.get("stage") not in (None, stage):
+    staging = _staging(path)
+    replacement = latest_checkpoint(staging) if staging.is_dir() else None
+    finished = manifest.get("status") == "finished"
+    if finished and not config.overwrite:
+        pending = (
+            f" A replacement of it was interrupted at {replacement.name} in {staging}: pass --overwrite to resume it."
+            if replacement
+            else ""
+        )
+        raise LLMTrainError(
+            f"Run '{name}' in {runs_dir} is finished; it will not be overwritten. Pass --overwrite to "
+            f"replace it, or choose another --run_name.{pending}"
+        )
+    if manifest and not finished and manifest.get("stage") not in (None, stage):
         raise LLMTrainError(f"Run '{name}' is a {manifest['stage']} run, not a {stage} run; choose another --run_name.")
     if config.overwrite and path.exists():
-        shutil.rmtree(path)
-        return name, None
+        # The existing run stays whole until the new one has finished (Run.close swaps them); until then the new
+        # one lives in .overwrite/NAME, which the same command resumes after an interruption.
+        if replacement:
+            print(
+                f"Resuming the replacement of run '{name}' that was interrupted ({staging}); the run it replaces is "
+                f"kept until it finishes. To start the replacement from scratch, delete {staging}.",
+                flush=True,
+            )
+        return staging, replacement, path
     ckpt = latest_checkpoint(path) if path.is_dir() else None
-    return name, str(ckpt) if ckpt else None
+    return path, ckpt, None
+
+
+def _staging(path: Path) -> Path:
+    """Where a run that replaces the run folder `path` trains until it has finished."""
+    return path.parent / OVERWRITE / path.name
+
+
+def _swap(new: Path, old: Path) -> None:
+    """Put the finished run `new` in the place of `old`: old -> .replaced/NAME, new -> NAME, delete the old one.
+    Each step is one rename; a process killed between them is repaired by the next start (`_complete_cut_swap`)."""
+    trash = old.parent / REPLACED / old.name
+    shutil.rmtree(trash, ignore_errors=True)
+    if old.exists():
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash, ignore_errors=True)
+    for folder in (new.parent, trash.parent):
+        try:
+            folder.rmdir()  # only when empty: another run may be being replaced there
+        except OSError:
+            pass
+
+
+def _complete_cut_swap(path: Path) -> None:
+    """Under the run's lock, finish a replacement whose run had finished when its process died before or during
+    the swap, and put back a replaced run whose swap was cut short (nothing is lost in either case)."""
+    staging, trash = _staging(path), path.parent / REPLACED / path.name
+    if _read_if_any(staging).get("status") == "finished":
+        shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
+        _swap(staging, path)
+        print(
+            f"Completed the replacement of run '{path.name}': it had finished, but its process stopped before "
+            f"it took the old run's place.",
+            flush=True,
+        )
+    elif trash.is_dir() and not path.exists():
+        trash.rename(path)
+    elif trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the lock
+
+
+class RunLocked(LLMTrainError):
+    """Another live process holds the run's lock."""
+
+
+# Locks this process holds: lock file -> (token, thread that took it). A lock file naming this process but held by
+# no live thread of it was left by an earlier run here (a stage that failed before its end) and is taken over.
+_HELD: dict[str, tuple[str, int]] = {}
+REUSED_PID_SLACK_S = 60.0  # a process at the lock's pid that started this much later is another process
+
+
+@dataclass
+class RunLock:
+    """`.NAME.lock` beside the run folder NAME while a process trains in it: created with O_CREAT|O_EXCL by the main
+    process, holding its pid, host and start time, and removed at the end of the run (or at the process's exit).
+    It sits beside the folder, not in it, so it also covers a run not yet started and the swap of a replacement."""
+
+    path: Path
+    token: str
+    pid: int
+
+    @classmethod
+    def acquire(cls, run_path: Path) -> RunLock:
+        """Take the lock of the run folder `run_path`, taking over a stale one; RunLocked if a live process has it."""
+        path = run_path.parent / f".{run_path.name}.lock"
+        token = uuid.uuid4().hex
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp(), "time": time.time()}
+        for _ in range(5):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                notice = _stale_notice(holder, path, run_path.name)
+                if notice is None:
+                    raise RunLocked(_locked_message(holder, path, run_path)) from None
+                if notice:
+                    print(notice, flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise LLMTrainError(
+                    f"Cannot write the lock file {path} of run '{run_path.name}' ({e.strerror}). Check that the runs "
+                    f"folder {run_path.parent} is writable, or give another one with --runs_dir."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({**mine, "token": token}, f)
+            _HELD[str(path)] = (token, threading.get_ident())
+            lock = cls(path, token, os.getpid())
+            # At the process's exit, or when the run is dropped, whatever path the stage left by.
+            weakref.finalize(lock, _release, path, token, lock.pid)
+            return lock
+        raise RunLocked(f"The lock of run '{run_path.name}' ({path}) keeps being taken by other starts; try again.")
+
+    def release(self) -> None:
+        """Remove the lock file, if it is still this lock's."""
+        _release(self.path, self.token, self.pid)
+
+
+def _release(path: Path, token: str, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child (a data loader worker) never releases its parent's lock
+        return
+    if _HELD.get(str(path), ("",))[0] == token:
+        del _HELD[str(path)]
+    if _read_lock(path, wait_s=0).get("token") == token:
+        path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path, wait_s: float = 1.0) -> dict[str, Any]:
+    """The holder recorded in a lock file; {} if it is gone, {"unreadable": True} if it stays empty or garbled (a
+    holder writes it right after creating it, so an empty file is given `wait_s` to fill)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            holder = json.loads(path.read_text())
+            if isinstance(holder, dict):
+                return holder
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return {"unreadable": True}
+        time.sleep(0.05)
+
+
+def _stale_notice(holder: dict[str, Any], path: Path, name: str) -> str | None:
+    """None while the holder may be alive; else the one-line notice of a takeover ('' for none)."""
+    if not holder:
+        return ""  # released in the meantime
+    if holder.get("unreadable") or not isinstance(holder.get("pid"), int):
+        return f"Taking over the lock of run '{name}': {path} was unreadable."
+    pid, host = holder["pid"], holder.get("host")
+    if host != socket.gethostname():
+        return None  # a process on another machine cannot be checked from here
+    if pid == os.getpid():
+        token, thread = _HELD.get(str(path), ("", 0))
+        others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+        if token == holder.get("token") and thread in others:
+            return None  # another thread of this process trains in it
+        return "" if token == holder.get("token") else f"Taking over the lock of run '{name}' left by this process."
+    if _alive(pid, holder.get("time")):
+        return None
+    return (
+        f"Taking over the lock of run '{name}': process {pid} on {host}, which took it at {holder.get('started')}, "
+        f"is no longer running."
+    )
+
+
+def _alive(pid: int, since: float | None) -> bool:
+    """Whether process `pid` of this host runs and can be the one that took a lock at `since` (not a process that
+    got its pid later, e.g. after a restart of the machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, but belongs to another user
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            return False  # exited, not yet reaped by its parent
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True  # no /proc (not Linux): a live pid counts as the holder
+    return since is None or started <= float(since) + REUSED_PID_SLACK_S
+
+
+def _locked_message(holder: dict[str, Any], path: Path, run_path: Path) -> str:
+    pid, host = holder.get("pid"), holder.get("host")
+    who = f"process {pid} on host {host}" + (" (this process, another thread)" if pid == os.getpid() else "")
+    return (
+        f"Run '{run_path.name}' in {run_path.parent} is in use: {who} has held its lock since "
+        f"{holder.get('started')}. Two processes training one run folder would overwrite each other's checkpoints "
+        f"and metrics. Wait for that run to end (or stop it), or start this one with another --run_name. If that "
+        f"process is gone (its machine was restarted, say), delete {path} and start again."
+    )
 
 
 def _read_if_any(path: Path) -> dict[str, Any]:

@@ -1,0 +1,253 @@
+"""The run folder: --overwrite replaces a finished run only once the new one has finished, a run is locked while a
+process trains in it, and a stage that fails before training leaves no folder behind."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, TINY_FLAGS, env_for, tiny_config
+
+from llmtrain.config import SftConfig
+from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.loop import Loop, prepare
+from llmtrain.registry import list_runs, read_manifest
+from llmtrain.run_dir import Run
+from llmtrain.runtime import make_accelerator
+from llmtrain.stages import pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.linspace(-1, 1, 32)[:, None]
+Y = 3 * X - 0.5
+
+
+def fit(runs: Path, stop_at: int | None = None, lr: float = 0.3, **overrides) -> tuple[Run, torch.nn.Linear]:
+    """A stage in miniature (open, start, loop, finish) fitting y = 3x - 0.5; SIGTERM to itself during `stop_at`."""
+    values = dict(runs_dir=str(runs), run_name="fit", max_steps=8, lr=lr, warmup_steps=0, log_every=2, save_every=0)
+    cfg = SftConfig(**{**values, "schedule": "constant", **overrides})
+    accelerator = make_accelerator(cfg)
+    run = Run.open(cfg, "sft", "linear", accelerator)
+    torch.manual_seed(0)
+    model, optimizer, _ = prepare(accelerator, cfg, torch.nn.Linear(1, 1))
+    loop = Loop.begin(cfg, accelerator, run, model, optimizer, cfg.max_steps)
+    loop.start("a linear fit")
+    with loop.training():
+        for _ in loop.steps():
+            loss = torch.nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            loop.optimizer_step()
+            if loop.step + 1 == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            loop.log({"train_loss": loop.reduce(loss.detach()[None], tokens=len(X))[0]})
+            loop.checkpoint()
+    torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
+    loop.finish({}, {"loss": ["train_loss"]}, "fitted")
+    return run, model
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def entries(runs: Path) -> list[str]:
+    return sorted(p.name for p in runs.iterdir())
+
+
+def open_fit(runs: Path, **overrides) -> Run:
+    cfg = SftConfig(**{"runs_dir": str(runs), "run_name": "fit", **overrides})
+    return Run.open(cfg, "sft", "linear", make_accelerator(cfg))
+
+
+# ---------------------------------------------------------------- --overwrite
+
+
+def test_an_overwrite_with_bad_data_leaves_the_finished_run_byte_identical(tmp_path, small_corpus):
+    cfg = tiny_config(tmp_path, small_corpus, max_steps=3, eval_every=0, num_samples=0, run_name="done")
+    pretrain.run(cfg)
+    before = files(tmp_path / "done")
+    cfg.overwrite, cfg.data = True, str(tmp_path / "typo.txt")
+    with pytest.raises(LLMTrainError, match="typo.txt does not exist"):
+        pretrain.run(cfg)
+    assert files(tmp_path / "done") == before
+    assert entries(tmp_path) == ["done"]  # no temporary folder, and the lock went with the failed run
+
+
+def test_an_overwrite_replaces_the_run_when_it_finishes_and_leaves_no_temporary_folder(
+    tmp_path, small_corpus, monkeypatch
+):
+    cfg = tiny_config(tmp_path, small_corpus, max_steps=3, eval_every=0, num_samples=0, run_name="done")
+    pretrain.run(cfg)
+    before = files(tmp_path / "done")
+    during = []
+    original = pretrain.TokenWindows.random_batch
+
+    def look_at_the_old_run(self, *args, **kwargs):
+        during.append(files(tmp_path / "done") == before)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.TokenWindows, "random_batch", look_at_the_old_run)
+    cfg.overwrite, cfg.seed, cfg.max_steps = True, 7, 4
+    assert pretrain.run(cfg) == tmp_path / "done"
+    assert during == [True] * 4  # the old run stayed whole while the new one trained
+    after = files(tmp_path / "done")
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert entries(tmp_path) == ["done"]  # no .overwrite, .replaced or lock left
+    manifest = read_manifest(tmp_path / "done")
+    assert manifest["name"] == "done" and manifest["status"] == "finished" and manifest["config"]["seed"] == 7
+    assert sorted({json.loads(line)["step"] for line in after["metrics.jsonl"].decode().splitlines()}) == [1, 2, 3, 4]
+    assert not any(b".overwrite" in data for data in after.values())  # no file names the temporary folder
+
+
+def test_an_overwrite_that_fails_in_training_leaves_the_finished_run_untouched_and_is_not_listed(tmp_path):
+    fit(tmp_path)
+    before = files(tmp_path / "fit")
+    with pytest.raises(LLMTrainError, match="training loss became"):
+        fit(tmp_path, lr=1e30, overwrite=True)
+    assert files(tmp_path / "fit") == before
+    assert read_manifest(tmp_path / ".overwrite" / "fit")["status"] == "failed"
+    assert [(Path(m["_dir"]).name, m["status"]) for m in list_runs(tmp_path)] == [("fit", "finished")]
+    assert entries(tmp_path) == [".overwrite", "fit"]  # and the lock is released
+
+
+def test_an_interrupted_overwrite_is_resumed_by_the_same_command_and_replaces_the_run_at_its_finish(tmp_path):
+    fit(tmp_path, lr=0.1)
+    before = files(tmp_path / "fit")
+    _, whole = fit(tmp_path / "whole")
+    with pytest.raises(RunInterrupted, match=r"SIGTERM at step 3; checkpoint saved in .*\.overwrite/fit"):
+        fit(tmp_path, stop_at=3, overwrite=True)
+    assert files(tmp_path / "fit") == before
+
+    run, resumed = fit(tmp_path, overwrite=True)  # the same command
+    assert run.path == tmp_path / "fit" and entries(tmp_path) == ["fit", "whole"]
+    manifest = read_manifest(run.path)
+    assert manifest["name"] == "fit" and manifest["resumed_at_steps"] == [3] and manifest["config"]["lr"] == 0.3
+    assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    assert torch.equal(torch.load(run.path / "weights.pt")["weight"], whole.weight)
+
+
+def test_a_swap_cut_short_between_its_renames_is_completed_by_the_next_start(tmp_path, monkeypatch):
+    fit(tmp_path, lr=0.1)
+    real_rename = Path.rename
+
+    def killed_before_the_second_rename(self, target):
+        if ".overwrite" in str(self):
+            raise OSError("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
+    with pytest.raises(OSError, match="killed"):
+        fit(tmp_path, overwrite=True)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (tmp_path / "fit").exists() and (tmp_path / ".replaced" / "fit").is_dir()
+
+    with pytest.raises(LLMTrainError, match="is finished; it will not be overwritten"):
+        open_fit(tmp_path)
+    assert read_manifest(tmp_path / "fit")["config"]["lr"] == 0.3  # the finished replacement took its place
+    assert entries(tmp_path) == ["fit"]
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def test_a_second_start_on_a_run_in_use_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from llmtrain.run_dir import RunLock; "
+         "lock = RunLock.acquire(__import__('pathlib').Path(sys.argv[1])); print('locked', flush=True); "
+         "sys.stdin.read()", str(tmp_path / "fit")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env_for(tmp_path), cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LLMTrainError) as refused:
+            open_fit(tmp_path)
+        message = str(refused.value)
+        assert f"process {holder.pid} on host {socket.gethostname()} has held its lock since 20" in message
+        assert "another --run_name" in message and f"delete {tmp_path / '.fit.lock'}" in message
+        assert entries(tmp_path) == [".fit.lock"]
+    finally:
+        holder.communicate("", timeout=60)  # the holder ends normally: its lock goes with it
+    assert entries(tmp_path) == []
+    open_fit(tmp_path)
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    started = "2025-01-01T00:00:00"
+    lock = {"pid": dead.pid, "host": socket.gethostname(), "started": started, "time": time.time() - 5}
+    (tmp_path / ".fit.lock").write_text(json.dumps(lock))
+    run, _ = fit(tmp_path)
+    assert read_manifest(run.path)["status"] == "finished"
+    out = capsys.readouterr().out
+    assert f"Taking over the lock of run 'fit': process {dead.pid} on {lock['host']}, which took it at {started}" in out
+
+
+def test_the_lock_is_released_when_a_run_finishes_fails_or_is_interrupted(tmp_path):
+    fit(tmp_path / "finishes")
+    assert entries(tmp_path / "finishes") == ["fit"]
+    with pytest.raises(LLMTrainError):
+        fit(tmp_path / "fails", lr=1e30)
+    assert entries(tmp_path / "fails") == ["fit"]
+    with pytest.raises(RunInterrupted):
+        fit(tmp_path / "interrupted", stop_at=2)
+    assert entries(tmp_path / "interrupted") == ["fit"]
+    fit(tmp_path / "interrupted")  # and it resumes
+
+
+def test_new_runs_opened_together_get_different_names(tmp_path):
+    cfg = SftConfig(runs_dir=str(tmp_path))
+    first, second = (Run.open(cfg, "sft", "linear", make_accelerator(cfg)) for _ in range(2))
+    assert first.name != second.name and first.name.startswith("sft-linear-")
+
+
+def test_a_run_name_with_a_leading_dot_is_refused(tmp_path):
+    with pytest.raises(LLMTrainError, match="names starting with '.' are kept for llmtrain"):
+        open_fit(tmp_path / "runs", run_name=".overwrite")
+
+
+# ---------------------------------------------------------------- no empty folders
+
+
+def test_a_stage_that_fails_on_bad_data_leaves_no_run_folder_and_a_retry_in_the_same_process_runs(
+    tmp_path, small_corpus
+):
+    for name in ("named", None):
+        with pytest.raises(LLMTrainError, match="does not exist"):
+            pretrain.run(tiny_config(tmp_path, tmp_path / "typo.txt", run_name=name))
+    assert entries(tmp_path) == []
+    cfg = tiny_config(tmp_path, small_corpus, max_steps=2, eval_every=0, num_samples=0, run_name="named")
+    assert read_manifest(pretrain.run(cfg))["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_failed_start_of_a_recipe_leaves_nothing_and_a_second_process_on_a_running_run_is_refused(
+    tmp_path, small_corpus
+):
+    def recipe(*args: str):
+        cmd = [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--run_name", "r", *TINY_FLAGS, *args]
+        return subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    _, err = recipe("--data", str(tmp_path / "typo.txt")).communicate(timeout=300)
+    assert "typo.txt does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or entries(tmp_path / "runs") == []
+
+    first = recipe("--data", str(small_corpus), "--max_steps", "100000", "--log_every", "1")
+    metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not metrics.exists():
+        time.sleep(0.2)
+    second = recipe("--data", str(small_corpus), "--max_steps", "100000")
+    _, err = second.communicate(timeout=300)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert second.returncode == 2 and f"process {first.pid} on host" in err and "Traceback" not in err
+    assert first.returncode == 128 + signal.SIGTERM and entries(tmp_path / "runs") == ["r"]
