@@ -250,8 +250,25 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def _config_yaml(manifest: dict[str, Any]) -> str:
-    config = {k: v for k, v in manifest.get("config", {}).items() if k not in LOCAL_KEYS}
+    config = {k: public_value(v) for k, v in manifest.get("config", {}).items() if k not in LOCAL_KEYS}
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def public_value(value: Any) -> Any:
+    """A config value as a model card shows it: a local path (`init`, `data`, `eval_data`, `tokenizer`...) by its
+    last part only, a run's name or a file's name, so the card says nothing of the machine it was trained on;
+    presets, Hub ids and other values as they are."""
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_value(v) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value)
+    nested = len(path.parts) > 1 and (path.exists() or value.lower().endswith(DATA_SUFFIXES))
+    if path.is_absolute() or value.startswith(("~", "./", "../")) or nested:
+        return path.name or value
+    return value
 
 
 # ---------------------------------------------------------------- staging and upload

@@ -213,3 +213,25 @@ def test_a_stage_with_push_to_hub_uploads_at_the_end_and_a_failure_keeps_the_run
     assert run_stage("sft", [*args, "--run_name", "sft-push-2"]) == 0
     assert json.loads((runs / "sft-push-2" / "llmtrain.json").read_text())["hub"]["repo_id"] == REPO_ID
     assert "model.safetensors" in hub["files"]
+
+
+def test_the_model_card_shows_no_absolute_local_paths(runs, tmp_path):
+    from llmtrain.hub import model_card
+
+    # As a run started with --init <run folder> --data /abs/chats.jsonl --eval_data /abs/val.jsonl records them.
+    path = runs / "sft-tiny" / "llmtrain.json"
+    manifest = json.loads(path.read_text())
+    manifest["parent"] = str(runs / "tiny")
+    manifest["config"] |= {
+        "init": str(runs / "tiny"),
+        "data": str(tmp_path / "private" / "chats.jsonl"),
+        "eval_data": str(tmp_path / "private" / "val.jsonl"),
+        "chat_template": "~/templates/chat.jinja",
+        "task": "arithmetic",
+    }
+    path.write_text(json.dumps(manifest))
+    card = model_card(runs / "sft-tiny", REPO_ID)
+    assert str(tmp_path) not in card and "~/" not in card
+    assert "init: tiny\n" in card and "data: chats.jsonl\n" in card and "eval_data: val.jsonl\n" in card
+    assert "chat_template: chat.jinja\n" in card and "task: arithmetic\n" in card
+    assert "local `chats.jsonl`" in card and "| `sft-tiny` | sft | `tiny` |" in card
