@@ -20,7 +20,6 @@ import platform
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 import weakref
@@ -376,12 +375,6 @@ class RunLocked(LLMTrainError):
     """Another live process holds the run's lock."""
 
 
-# Locks this process holds: lock file -> (token, thread that took it). A lock file naming this process but held by
-# no live thread of it was left by an earlier run here (a stage that failed before its end) and is taken over.
-_HELD: dict[str, tuple[str, int]] = {}
-REUSED_PID_SLACK_S = 60.0  # a process at the lock's pid that started this much later is another process
-
-
 @dataclass
 class RunLock:
     """`.NAME.lock` beside the run folder NAME while a process trains in it: created with O_CREAT|O_EXCL by the main
@@ -397,7 +390,7 @@ class RunLock:
         """Take the lock of the run folder `run_path`, taking over a stale one; RunLocked if a live process has it."""
         path = run_path.parent / f".{run_path.name}.lock"
         token = uuid.uuid4().hex
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp(), "time": time.time()}
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp()}
         for _ in range(5):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,7 +411,6 @@ class RunLock:
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump({**mine, "token": token}, f)
-            _HELD[str(path)] = (token, threading.get_ident())
             lock = cls(path, token, os.getpid())
             # At the process's exit, or when the run is dropped, whatever path the stage left by.
             weakref.finalize(lock, _release, path, token, lock.pid)
@@ -433,8 +425,6 @@ class RunLock:
 def _release(path: Path, token: str, pid: int) -> None:
     if os.getpid() != pid:  # a forked child (a data loader worker) never releases its parent's lock
         return
-    if _HELD.get(str(path), ("",))[0] == token:
-        del _HELD[str(path)]
     if _read_lock(path, wait_s=0).get("token") == token:
         path.unlink(missing_ok=True)
 
@@ -467,42 +457,23 @@ def _stale_notice(holder: dict[str, Any], path: Path, name: str) -> str | None:
     if host != socket.gethostname():
         return None  # a process on another machine cannot be checked from here
     if pid == os.getpid():
-        token, thread = _HELD.get(str(path), ("", 0))
-        others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
-        if token == holder.get("token") and thread in others:
-            return None  # another thread of this process trains in it
-        return "" if token == holder.get("token") else f"Taking over the lock of run '{name}' left by this process."
-    if _alive(pid, holder.get("time")):
+        return ""  # an earlier run in this process that stopped before its end (a notebook or a test retrying)
+    try:
+        os.kill(pid, 0)
         return None
+    except ProcessLookupError:
+        pass
+    except OSError:
+        return None  # it exists, and belongs to another user
     return (
         f"Taking over the lock of run '{name}': process {pid} on {host}, which took it at {holder.get('started')}, "
         f"is no longer running."
     )
 
 
-def _alive(pid: int, since: float | None) -> bool:
-    """Whether process `pid` of this host runs and can be the one that took a lock at `since` (not a process that
-    got its pid later, e.g. after a restart of the machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # exists, but belongs to another user
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return False  # exited, not yet reaped by its parent
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return True  # no /proc (not Linux): a live pid counts as the holder
-    return since is None or started <= float(since) + REUSED_PID_SLACK_S
-
-
 def _locked_message(holder: dict[str, Any], path: Path, run_path: Path) -> str:
     pid, host = holder.get("pid"), holder.get("host")
-    who = f"process {pid} on host {host}" + (" (this process, another thread)" if pid == os.getpid() else "")
+    who = f"process {pid} on host {host}"
     return (
         f"Run '{run_path.name}' in {run_path.parent} is in use: {who} has held its lock since "
         f"{holder.get('started')}. Two processes training one run folder would overwrite each other's checkpoints "
