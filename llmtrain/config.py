@@ -137,6 +137,9 @@ class PretrainConfig(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    skip_nonfinite_steps: int = field(
+        default=0, metadata={"help": "Skip up to N steps whose gradients are NaN or inf (0: stop at the first)."}
+    )
     # when to stop (the first one reached)
     max_steps: int = 1200
     max_tokens: int | None = field(default=None, metadata={"help": "Stop after this many training tokens."})
@@ -215,6 +218,9 @@ class FinetuneConfig(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    skip_nonfinite_steps: int = field(
+        default=0, metadata={"help": "Skip up to N steps whose gradients are NaN or inf (0: stop at the first)."}
+    )
     epochs: float = field(default=2.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
     max_steps: int | None = None
     max_time_s: float | None = None
@@ -423,6 +429,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig) -> None:
     for name in ("beta1", "beta2"):
         _between(cfg, name, 0, 1, high_open=True, note="AdamW takes betas in [0, 1).")
     _at_least(cfg, "grad_clip", 0, "0 turns clipping off.")
+    _at_least(cfg, "skip_nonfinite_steps", 0, "0 stops the run at the first step with NaN or inf gradients.")
     _positive(cfg, "max_time_s", "Leave it unset for no time limit.")
     _at_least(cfg, "log_every", 1, "It counts steps between logged lines; 1 logs every step.")
     _at_least(cfg, "eval_every", 0, "0 evaluates only at the end.")

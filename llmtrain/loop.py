@@ -89,6 +89,7 @@ class Loop:
     _signal: list[int] = field(default_factory=lambda: [0])
     _signalled: bool = False
     _progress: Any = None
+    _nonfinite: torch.Tensor | None = None  # this step's count of optimizer steps with non-finite gradients
     _window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("steps", "time", "tokens", "data"), 0.0))
 
     @classmethod
@@ -175,6 +176,7 @@ class Loop:
                 self.stop_reason = "max_time_s"
                 return
             self._t0 = time.perf_counter()
+            self._nonfinite = torch.zeros((), device=self.accelerator.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(
                     self.step,
@@ -188,16 +190,36 @@ class Loop:
             yield self.optimizer.param_groups[0]["lr"]
 
     def optimizer_step(self, *parameter_sets) -> torch.Tensor | None:
-        """Clip the gradient norm (of each set given, else of the whole model), step and zero the gradients.
-        Returns the (first set's) norm before clipping, or None without clipping."""
-        norm = None
-        if self.cfg.grad_clip:
-            for params in parameter_sets or (self.model.parameters(),):
-                n = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
-                norm = n if norm is None else norm
+        """Clip the gradient norm (of each set given, else of the whole model; `grad_clip` 0 only measures it),
+        step and zero the gradients; returns the (first set's) norm before clipping. Gradients that are not finite
+        stop the run at the step's reduction, before anything of the step is saved; with `skip_nonfinite_steps`
+        N, up to N such steps are skipped instead (counted; it reads the norm on the host at every step)."""
+        sets = parameter_sets or (self.model.parameters(),)
+        norms = [self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip or math.inf) for params in sets]
+        norms = [n for n in norms if n is not None]  # DeepSpeed clips, and checks, inside its engine
+        if norms:
+            bad = sum((~torch.isfinite(n)).float() for n in norms)
+            if self.cfg.skip_nonfinite_steps and bad.item():
+                skipped = self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                if skipped > self.cfg.skip_nonfinite_steps:
+                    raise LLMTrainError(
+                        self._nonfinite_message(f"({skipped} such steps, more than --skip_nonfinite_steps allows)")
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                self.write(f"step {self.step + 1}: gradients not finite, step skipped ({skipped} so far)")
+                return norms[0]
+            self._nonfinite = self._nonfinite + bad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norms[0] if norms else None
+
+    def _nonfinite_message(self, when: str) -> str:
+        return (
+            f"The gradients were not finite (NaN or inf) at step {self.step} {when}; the run stopped and nothing of "
+            f"this step was saved. The last good checkpoint is kept in {self.run.path}. "
+            + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
+            + " To skip a few such steps instead, pass --skip_nonfinite_steps N."
+        )
 
     def reduce(self, sums: torch.Tensor | None = None, tokens: float = 0.0) -> list[float]:
         """End of a step: the stage's summed statistics, the tokens it trained on and "was any process
@@ -206,9 +228,11 @@ class Loop:
         device = self.accelerator.device
         sums = torch.zeros(0, device=device) if sums is None else sums
         extra = torch.tensor([float(tokens), float(self._signal[0])], dtype=sums.dtype, device=device)
-        flags = torch.cat([sums, extra])
+        flags = torch.cat([sums, extra, self._nonfinite.to(sums.dtype)[None]])
         flags = self.accelerator.reduce(flags, reduction="sum") if self.world > 1 else flags
-        *totals, tokens_total, signalled = flags.tolist()
+        *totals, tokens_total, signalled, nonfinite = flags.tolist()
+        if nonfinite:
+            raise LLMTrainError(self._nonfinite_message(f"(lr {self.optimizer.param_groups[0]['lr']:.3g})"))
         self._signalled = signalled > 0
         dt = time.perf_counter() - self._t0
         self.train_time += dt
@@ -252,7 +276,7 @@ class Loop:
             metrics["data_wait_frac"] = window["data"] / window["time"]
         self._window = dict.fromkeys(window, 0.0)
         self.run.log_metrics(self.step, metrics, self.accelerator)
-        shown = {k: f"{v:.3f}" for k, v in list(metrics.items())[:2]}
+        shown = {k: f"{v:,}" if isinstance(v, int) else f"{v:.3f}" for k, v in list(metrics.items())[:2]}
         if "tokens_per_s" in metrics:
             shown["tok_s"] = f"{metrics['tokens_per_s']:,.0f}"
         self._progress.set_postfix(shown, refresh=False)
@@ -271,17 +295,35 @@ class Loop:
             self._progress.write(text)
 
     def checkpoint(self) -> None:
-        """After a step: on a signal, save and raise RunInterrupted; else save every `save_every` steps."""
+        """After a step: on a signal, save and raise RunInterrupted; else save every `save_every` steps. Weights
+        that are not finite are never saved."""
         signum = (self._signal[0] or signal.SIGTERM) if self._signalled else 0
+        if signum or self.due(self.cfg.save_every):
+            self._check_finite_weights()
         state = {"train_time_s": self.train_time, **self.state}
         self.run.checkpoint_after_step(self.accelerator, self.step, self.total_steps, state, self.cfg, signum)
 
     # ------------------------------------------------------------ the end
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights for saving, once every process has finished training."""
+        """The whole model's weights for saving, once every process has finished training (and if finite)."""
         self.accelerator.wait_for_everyone()
+        self._check_finite_weights()
         return full_state_dict(self.accelerator, self.model)
+
+    def _check_finite_weights(self) -> None:
+        """Stop instead of saving weights with a NaN or an inf: a checkpoint must be one to resume from. Each
+        process checks its own parameters (its shards under FSDP; ZeRO-3's partitions are not visible here)."""
+        bad = torch.zeros((), device=self.accelerator.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).any().float()
+        if (self.accelerator.reduce(bad, reduction="sum") if self.world > 1 else bad).item():
+            raise LLMTrainError(
+                f"The weights are not finite (NaN or inf) after step {self.step}, so they were not saved; the run "
+                f"stopped. The last good checkpoint is kept in {self.run.path}. "
+                + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
+            )
 
     def finish(
         self, final: dict[str, float], curves: dict[str, list[str]], message: str, histograms: dict | None = None
@@ -294,6 +336,8 @@ class Loop:
             metrics["train_loss"] = self.last["train_loss"]
         metrics |= {"steps": self.step, "train_time_s": round(self.train_time, 2), "stop_reason": self.stop_reason}
         metrics |= {f"parent_{k}": v for k, v in self.state.get("parent_metrics", {}).items()}
+        if "skipped_steps" in self.state:
+            metrics["skipped_steps"] = self.state["skipped_steps"]
         self.run.update(status="finished", metrics=metrics)
         self.run.plot(curves, histograms)
         self.run.remove_checkpoints()

@@ -20,8 +20,16 @@ X = torch.linspace(-1, 1, 32)[:, None]
 Y = 3 * X - 0.5
 
 
-def train(tmp_path, stop_at: int | None = None, lr_scale: float = 1.0, **overrides) -> tuple[Run, torch.nn.Linear]:
-    """Fit y = 3x - 0.5 with the spine, as a stage would; SIGTERM to this process after step `stop_at`."""
+def train(
+    tmp_path,
+    stop_at: int | None = None,
+    lr_scale: float = 1.0,
+    nan_grads_at: tuple[int, ...] = (),
+    nan_loss_at: int | None = None,
+    **overrides,
+) -> tuple[Run, torch.nn.Linear]:
+    """Fit y = 3x - 0.5 with the spine, as a stage would; SIGTERM to this process during step `stop_at`, NaN
+    gradients during the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`."""
     values = dict(runs_dir=str(tmp_path), run_name="fit", max_steps=8, lr=0.3 * lr_scale, warmup_steps=0)
     cfg = SftConfig(**{**values, "log_every": 2, "save_every": 0, "schedule": "constant", **overrides})
     accelerator = make_accelerator(cfg)
@@ -34,11 +42,13 @@ def train(tmp_path, stop_at: int | None = None, lr_scale: float = 1.0, **overrid
         for _ in loop.steps():
             loss = torch.nn.functional.mse_loss(model(X), Y)
             loss.backward()
+            if loop.step + 1 in nan_grads_at:  # an overflow in the backward pass
+                model.weight.grad[0, 0] = float("nan")
             loop.optimizer_step()
             if loop.step + 1 == stop_at:  # as if a scheduler stopped the job during this step
                 os.kill(os.getpid(), signal.SIGTERM)
             (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(X))
-            loop.log({"train_loss": loss_sum})
+            loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
             loop.checkpoint()
     loop.finish({}, {"loss": ["train_loss"]}, "fitted")
     return run, model
@@ -69,8 +79,8 @@ def test_a_time_budget_stops_the_loop_and_names_the_reason(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_with_advice_and_marks_it_failed(tmp_path):
-    with pytest.raises(LLMTrainError, match=r"training loss became (nan|inf) at step \d.*Lower --lr"):
-        train(tmp_path, lr_scale=1e30)
+    with pytest.raises(LLMTrainError, match=r"training loss became nan at step 4.*Lower --lr"):
+        train(tmp_path, nan_loss_at=4)
     assert read_manifest(tmp_path / "fit")["status"] == "failed"
 
 
@@ -82,3 +92,27 @@ def test_a_signal_saves_a_checkpoint_and_resume_ends_on_the_same_weights(tmp_pat
     run, resumed = train(tmp_path / "cut", resume=True)
     assert [r["step"] for r in logged(run)] == [2, 4, 6, 8]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+
+
+def test_nan_gradients_stop_the_run_before_the_step_is_saved(tmp_path):
+    with pytest.raises(LLMTrainError, match=r"gradients were not finite.*at step 5.*last good checkpoint"):
+        train(tmp_path, nan_grads_at=(5,), save_every=1)
+    run = tmp_path / "fit"
+    assert read_manifest(run)["status"] == "failed"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000004"]
+
+
+def test_nan_gradients_are_skipped_and_counted_when_asked_and_stop_past_the_allowance(tmp_path):
+    run, model = train(tmp_path / "skip", nan_grads_at=(3, 6), skip_nonfinite_steps=2)
+    assert read_manifest(run.path)["metrics"]["skipped_steps"] == 2
+    assert torch.isfinite(model.weight).all()
+    with pytest.raises(LLMTrainError, match="gradients were not finite.*2 such steps, more than"):
+        train(tmp_path / "stop", nan_grads_at=(3, 6), skip_nonfinite_steps=1)
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(Run, "save_checkpoint", lambda self, *args: saved.append(args))
+    with pytest.raises(LLMTrainError, match="weights are not finite.*after step 1.*not saved"):
+        train(tmp_path, lr_scale=float("inf"), save_every=1)
+    assert saved == []

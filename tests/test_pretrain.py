@@ -88,7 +88,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, small_corpu
     assert sorted(train_losses(tmp_path / "c")) == list(range(1, 25))
 
 
-def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path, small_corpus, monkeypatch):
+def test_a_nan_loss_stops_the_run_at_its_step_with_a_clear_message(tmp_path, small_corpus, monkeypatch):
     real_ce = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
@@ -99,7 +99,7 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path, small_corpus, mon
 
     monkeypatch.setattr(pretrain.F, "cross_entropy", poisoned)
     cfg = tiny_config(tmp_path, small_corpus, max_steps=20, eval_every=0, run_name="n")
-    with pytest.raises(LLMTrainError, match=r"training loss became nan at step 6.*Lower --lr"):
+    with pytest.raises(LLMTrainError, match=r"gradients were not finite \(NaN or inf\) at step 6.*Lower --lr"):
         pretrain.run(cfg)
     assert json.loads((tmp_path / "n" / "llmtrain.json").read_text())["status"] == "failed"
 

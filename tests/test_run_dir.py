@@ -109,8 +109,8 @@ def test_an_overwrite_replaces_the_run_when_it_finishes_and_leaves_no_temporary_
 def test_an_overwrite_that_fails_in_training_leaves_the_finished_run_untouched_and_is_not_listed(tmp_path):
     fit(tmp_path)
     before = files(tmp_path / "fit")
-    with pytest.raises(LLMTrainError, match="training loss became"):
-        fit(tmp_path, lr=1e30, overwrite=True)
+    with pytest.raises(LLMTrainError, match="not finite|became"):
+        fit(tmp_path, lr=1e30, overwrite=True)  # its gradients or weights become NaN
     assert files(tmp_path / "fit") == before
     assert read_manifest(tmp_path / ".overwrite" / "fit")["status"] == "failed"
     assert [(Path(m["_dir"]).name, m["status"]) for m in list_runs(tmp_path)] == [("fit", "finished")]
