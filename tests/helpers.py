@@ -134,3 +134,21 @@ def reward_config(runs_dir: Path, **overrides):
     )
     values.update(overrides)
     return RewardConfig(**values)
+
+
+# Eight sums a tiny model can be taught by heart in a few seconds: a measurable gain where held-out rows show none.
+TAUGHT_SUMS = [(12, 30), (23, 45), (31, 27), (40, 16), (52, 13), (61, 24), (70, 18), (14, 33)]
+
+
+def write_taught_sums(path: Path, kind: str) -> Path:
+    """The eight sums as SFT rows (`kind` "sft") or as pairs whose rejected answer is ten too high ("pairs")."""
+    rows = []
+    for a, b in TAUGHT_SUMS:
+        prompt, right, wrong = f"What is {a} + {b}?", f"{a} + {b} = {a + b}", f"{a} + {b} = {a + b + 10}"
+        rows.append(
+            {"prompt": prompt, "response": right}
+            if kind == "sft"
+            else {"prompt": prompt, "chosen": right, "rejected": wrong}
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-from helpers import logged
+from helpers import logged, write_taught_sums
 from transformers import AutoModelForCausalLM
 
 from llmtrain.config import DpoConfig
@@ -142,3 +142,29 @@ def test_pairs_with_identical_answers_name_the_file_and_row(sft_run, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LLMTrainError, match=r"prefs.jsonl.*line 2"):
         dpo.run(dpo_config(sft_run.parent, data=str(data), run_name="dpo-same"))
+
+
+def test_dpo_raises_the_task_accuracy_of_the_pairs_it_was_taught(sft_run, tmp_path):
+    # As for SFT, held-out accuracy does not move in a test's budget; on eight pairs taught by heart the parent's
+    # task accuracy went from 0 to 1.0 on five seeds of 100 steps (chosen: the right sum; rejected: ten too high).
+    data = write_taught_sums(tmp_path / "pairs.jsonl", "pairs")
+    cfg = DpoConfig(
+        runs_dir=str(sft_run.parent),
+        init=sft_run.name,
+        run_name="dpo-taught",
+        data=str(data),
+        eval_data=str(data),
+        judge="none",
+        batch_size=8,
+        max_steps=100,
+        lr=1e-2,
+        warmup_steps=3,
+        max_length=64,
+        task_eval_rows=24,
+        max_new_tokens=12,
+        eval_every=0,
+        save_every=0,
+    )
+    metrics = json.loads((dpo.run(cfg) / "llmtrain.json").read_text())["metrics"]
+    assert metrics["val_accuracy"] == 1.0
+    assert metrics["task_accuracy"] >= metrics["parent_task_accuracy"] + 0.5

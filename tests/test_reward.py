@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from helpers import reward_config
+from helpers import reward_config, write_taught_sums
 from transformers import AutoModelForSequenceClassification
 
 from llmtrain.errors import LLMTrainError
@@ -30,13 +30,7 @@ def test_score_puts_the_answer_a_reward_model_was_taught_to_prefer_above_the_rej
 
     # Eight sums whose rejected answer is ten too high, each pair seen 40 times: the tiny model learns these
     # (right minus wrong was 5 to 15 over seven seeds), while it ranks unseen sums little better than chance.
-    sums = [(12, 30), (23, 45), (31, 27), (40, 16), (52, 13), (61, 24), (70, 18), (14, 33)]
-    rows = [
-        {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 10}"}
-        for a, b in sums
-    ]
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_taught_sums(tmp_path / "prefs.jsonl", "pairs")
     cfg = reward_config(
         tmp_path, init=str(sft_run), data=str(data), eval_data=str(data), batch_size=8, max_steps=40, lr=1e-2
     )
