@@ -91,49 +91,34 @@ def tiny_config(runs_dir: Path, data: Path, **overrides):
     return PretrainConfig(**values)
 
 
+# What every tiny fine-tuning config shares, and what those of the policy stages add.
+TINY_FINETUNE = dict(batch_size=16, lr=3e-3, warmup_steps=3, max_length=64, eval_every=0, log_every=1, save_every=0)
+TINY_POLICY = dict(task_eval_rows=24, num_samples=1, max_new_tokens=12)
+
+
 def tiny_sft_config(runs_dir: Path, **overrides):
     """An SFT config that tunes the `tiny` run in a few seconds."""
     from llmtrain.config import SftConfig
 
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="tiny",
-        max_rows=400,
-        batch_size=16,
-        max_steps=30,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        task_eval_rows=24,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-        num_samples=1,
-        max_new_tokens=12,
-    )
-    values.update(overrides)
-    return SftConfig(**values)
+    values = dict(runs_dir=str(runs_dir), init="tiny", max_rows=400, max_steps=30, **TINY_FINETUNE, **TINY_POLICY)
+    return SftConfig(**{**values, **overrides})
 
 
 def reward_config(runs_dir: Path, **overrides):
     """A reward-model config that trains on `sft-tiny` in a few seconds."""
     from llmtrain.config import RewardConfig
 
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="sft-tiny",
-        max_rows=600,
-        batch_size=16,
-        max_steps=60,
-        lr=3e-3,
-        warmup_steps=3,
-        max_length=64,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-    )
-    values.update(overrides)
-    return RewardConfig(**values)
+    values = dict(runs_dir=str(runs_dir), init="sft-tiny", max_rows=600, max_steps=60, **TINY_FINETUNE)
+    return RewardConfig(**{**values, **overrides})
+
+
+def tiny_dpo_config(runs_dir: Path, **overrides):
+    """A plain-DPO config (no NLL term, so margins are DPO's alone) that tunes `sft-tiny` in a few seconds."""
+    from llmtrain.config import DpoConfig
+
+    values = {**dict(runs_dir=str(runs_dir), init="sft-tiny", max_rows=400, max_steps=20), **TINY_FINETUNE}
+    values |= dict(lr=5e-3, warmup_steps=2, judge="none", nll_weight=0.0, **TINY_POLICY)
+    return DpoConfig(**{**values, **overrides})
 
 
 # Eight sums a tiny model can be taught by heart in a few seconds: a measurable gain where held-out rows show none.
@@ -152,3 +137,50 @@ def write_taught_sums(path: Path, kind: str) -> Path:
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def fit_line(
+    runs: Path,
+    stop_at: int | None = None,
+    lr: float = 0.3,
+    nan_grads_at: tuple[int, ...] = (),
+    nan_loss_at: int | None = None,
+    **overrides,
+):
+    """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
+    layer: SIGTERM to itself during step `stop_at`, NaN gradients during the steps in `nan_grads_at`, a NaN loss
+    logged at step `nan_loss_at`. Returns the run and the model."""
+    import signal
+
+    import torch
+
+    from llmtrain.config import SftConfig
+    from llmtrain.loop import Loop, prepare
+    from llmtrain.run_dir import Run
+    from llmtrain.runtime import make_accelerator
+
+    x = torch.linspace(-1, 1, 32)[:, None]
+    y = 3 * x - 0.5
+    values = dict(runs_dir=str(runs), run_name="fit", max_steps=8, lr=lr, warmup_steps=0, log_every=2, save_every=0)
+    cfg = SftConfig(**{**values, "schedule": "constant", **overrides})
+    accelerator = make_accelerator(cfg)
+    run = Run.open(cfg, "sft", "linear", accelerator)
+    torch.manual_seed(0)
+    model, optimizer, _ = prepare(accelerator, cfg, torch.nn.Linear(1, 1))
+    loop = Loop.begin(cfg, accelerator, run, model, optimizer, cfg.max_steps)
+    loop.start("a linear fit")
+    with loop.training():
+        for _ in loop.steps():
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if loop.step + 1 in nan_grads_at:  # an overflow in the backward pass
+                model.weight.grad[0, 0] = float("nan")
+            loop.optimizer_step()
+            if loop.step + 1 == stop_at:  # as if a scheduler stopped the job during this step
+                os.kill(os.getpid(), signal.SIGTERM)
+            (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(x))
+            loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
+            loop.checkpoint()
+    torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
+    loop.finish({}, {"loss": ["train_loss"]}, "fitted")
+    return run, model

@@ -2,41 +2,17 @@ import json
 import math
 
 import pytest
-from helpers import logged, write_taught_sums
+from helpers import logged, tiny_dpo_config, write_taught_sums
 from transformers import AutoModelForCausalLM
 
-from llmtrain.config import DpoConfig
 from llmtrain.errors import LLMTrainError
 from llmtrain.stages import dpo
-
-
-def dpo_config(runs_dir, **overrides) -> DpoConfig:
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="sft-tiny",
-        max_rows=400,
-        batch_size=16,
-        max_steps=20,
-        lr=5e-3,
-        warmup_steps=2,
-        max_length=64,
-        task_eval_rows=24,
-        eval_every=0,
-        log_every=1,
-        save_every=0,
-        num_samples=1,
-        max_new_tokens=12,
-        judge="none",
-        nll_weight=0.0,  # plain DPO, so the margins below are DPO's alone
-    )
-    values.update(overrides)
-    return DpoConfig(**values)
 
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, reward_run):
     # 32 pairs seen ten times each: the tiny model must learn to prefer the chosen answers it is shown.
-    cfg = dpo_config(sft_run.parent, run_name="dpo-tiny", judge="rm-tiny", eval_every=10, max_rows=32)
+    cfg = tiny_dpo_config(sft_run.parent, run_name="dpo-tiny", judge="rm-tiny", eval_every=10, max_rows=32)
     return dpo.run(cfg)
 
 
@@ -69,7 +45,7 @@ def test_dpo_separates_chosen_from_rejected_and_records_the_evaluation(dpo_run):
 )
 def test_the_loss_variants_start_from_their_closed_form(sft_run, overrides, first_loss):
     out = dpo.run(
-        dpo_config(sft_run.parent, max_steps=3, task="none", run_name=f"dpo-{overrides['loss_type']}", **overrides)
+        tiny_dpo_config(sft_run.parent, max_steps=3, task="none", run_name=f"dpo-{overrides['loss_type']}", **overrides)
     )
     assert logged(out)[1]["train_loss"] == pytest.approx(first_loss, rel=1e-5)
 
@@ -77,8 +53,8 @@ def test_the_loss_variants_start_from_their_closed_form(sft_run, overrides, firs
 def test_precomputed_reference_gives_the_same_curve_as_a_reference_copy(sft_run):
     runs = sft_run.parent
     common = dict(max_steps=6, task="none", lr=3e-3)
-    copy = logged(dpo.run(dpo_config(runs, run_name="dpo-copy", **common)))
-    pre = dpo.run(dpo_config(runs, run_name="dpo-pre", precompute_ref=True, **common))
+    copy = logged(dpo.run(tiny_dpo_config(runs, run_name="dpo-copy", **common)))
+    pre = dpo.run(tiny_dpo_config(runs, run_name="dpo-pre", precompute_ref=True, **common))
     assert json.loads((pre / "llmtrain.json").read_text())["model"]["reference"] == "precomputed"
     pre = logged(pre)
     for step in range(1, 7):
@@ -87,7 +63,7 @@ def test_precomputed_reference_gives_the_same_curve_as_a_reference_copy(sft_run)
 
 
 def test_lora_uses_the_adapter_disabled_base_as_reference(sft_run):
-    out = dpo.run(dpo_config(sft_run.parent, run_name="dpo-lora", lora=True, max_steps=8, task="none", lr=3e-3))
+    out = dpo.run(tiny_dpo_config(sft_run.parent, run_name="dpo-lora", lora=True, max_steps=8, task="none", lr=3e-3))
     m = json.loads((out / "llmtrain.json").read_text())
     assert m["model"]["reference"] == "adapter-disabled base"
     rows = logged(out)
@@ -99,7 +75,9 @@ def test_lora_uses_the_adapter_disabled_base_as_reference(sft_run):
 @pytest.mark.slow
 def test_dpo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
     runs = sft_run.parent
-    reference = logged(dpo.run(dpo_config(runs, max_steps=10, task="none", run_name="dpo-ref", precompute_ref=True)))
+    reference = logged(
+        dpo.run(tiny_dpo_config(runs, max_steps=10, task="none", run_name="dpo-ref", precompute_ref=True))
+    )
     original = dpo.batch_indices
 
     def crash_at_step_7(n, global_batch, seed, j):
@@ -108,7 +86,7 @@ def test_dpo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
         return original(n, global_batch, seed, j)
 
     monkeypatch.setattr(dpo, "batch_indices", crash_at_step_7)
-    cfg = dpo_config(runs, max_steps=10, task="none", save_every=5, run_name="dpo-crash", precompute_ref=True)
+    cfg = tiny_dpo_config(runs, max_steps=10, task="none", save_every=5, run_name="dpo-crash", precompute_ref=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
         dpo.run(cfg)
     monkeypatch.setattr(dpo, "batch_indices", original)
@@ -130,7 +108,7 @@ def test_dpo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
 )
 def test_bad_settings_are_refused_before_training(sft_run, overrides, message):
     with pytest.raises(LLMTrainError, match=message):
-        dpo.run(dpo_config(sft_run.parent, run_name="dpo-bad", **overrides))
+        dpo.run(tiny_dpo_config(sft_run.parent, run_name="dpo-bad", **overrides))
 
 
 def test_pairs_with_identical_answers_name_the_file_and_row(sft_run, tmp_path):
@@ -141,30 +119,15 @@ def test_pairs_with_identical_answers_name_the_file_and_row(sft_run, tmp_path):
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LLMTrainError, match=r"prefs.jsonl.*line 2"):
-        dpo.run(dpo_config(sft_run.parent, data=str(data), run_name="dpo-same"))
+        dpo.run(tiny_dpo_config(sft_run.parent, data=str(data), run_name="dpo-same"))
 
 
 def test_dpo_raises_the_task_accuracy_of_the_pairs_it_was_taught(sft_run, tmp_path):
     # As for SFT, held-out accuracy does not move in a test's budget; on eight pairs taught by heart the parent's
     # task accuracy went from 0 to 1.0 on five seeds of 100 steps (chosen: the right sum; rejected: ten too high).
     data = write_taught_sums(tmp_path / "pairs.jsonl", "pairs")
-    cfg = DpoConfig(
-        runs_dir=str(sft_run.parent),
-        init=sft_run.name,
-        run_name="dpo-taught",
-        data=str(data),
-        eval_data=str(data),
-        judge="none",
-        batch_size=8,
-        max_steps=100,
-        lr=1e-2,
-        warmup_steps=3,
-        max_length=64,
-        task_eval_rows=24,
-        max_new_tokens=12,
-        eval_every=0,
-        save_every=0,
-    )
+    taught = dict(data=str(data), eval_data=str(data), batch_size=8, max_steps=100, lr=1e-2, nll_weight=1.0)
+    cfg = tiny_dpo_config(sft_run.parent, run_name="dpo-taught", warmup_steps=3, **taught)
     metrics = json.loads((dpo.run(cfg) / "llmtrain.json").read_text())["metrics"]
     assert metrics["val_accuracy"] == 1.0
     assert metrics["task_accuracy"] >= metrics["parent_task_accuracy"] + 0.5

@@ -1,66 +1,19 @@
 """The loop spine on a tiny regression model: stops, logging, NaN stop, signals, resume."""
 
-import json
-import os
-import signal
-
 import pytest
 import torch
+from helpers import fit_line, logged
 
-from llmtrain.config import SftConfig
 from llmtrain.errors import LLMTrainError, RunInterrupted
-from llmtrain.loop import Loop, prepare
 from llmtrain.registry import read_manifest
 from llmtrain.run_dir import Run
-from llmtrain.runtime import make_accelerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-X = torch.linspace(-1, 1, 32)[:, None]
-Y = 3 * X - 0.5
-
-
-def train(
-    tmp_path,
-    stop_at: int | None = None,
-    lr_scale: float = 1.0,
-    nan_grads_at: tuple[int, ...] = (),
-    nan_loss_at: int | None = None,
-    **overrides,
-) -> tuple[Run, torch.nn.Linear]:
-    """Fit y = 3x - 0.5 with the spine, as a stage would; SIGTERM to this process during step `stop_at`, NaN
-    gradients during the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`."""
-    values = dict(runs_dir=str(tmp_path), run_name="fit", max_steps=8, lr=0.3 * lr_scale, warmup_steps=0)
-    cfg = SftConfig(**{**values, "log_every": 2, "save_every": 0, "schedule": "constant", **overrides})
-    accelerator = make_accelerator(cfg)
-    run = Run.open(cfg, "sft", "linear", accelerator)
-    torch.manual_seed(0)
-    model, optimizer, _ = prepare(accelerator, cfg, torch.nn.Linear(1, 1))
-    loop = Loop.begin(cfg, accelerator, run, model, optimizer, cfg.max_steps)
-    loop.start("a linear fit")
-    with loop.training():
-        for _ in loop.steps():
-            loss = torch.nn.functional.mse_loss(model(X), Y)
-            loss.backward()
-            if loop.step + 1 in nan_grads_at:  # an overflow in the backward pass
-                model.weight.grad[0, 0] = float("nan")
-            loop.optimizer_step()
-            if loop.step + 1 == stop_at:  # as if a scheduler stopped the job during this step
-                os.kill(os.getpid(), signal.SIGTERM)
-            (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(X))
-            loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
-            loop.checkpoint()
-    loop.finish({}, {"loss": ["train_loss"]}, "fitted")
-    return run, model
-
-
-def logged(run: Run) -> list[dict]:
-    return [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-
 
 def test_the_loop_trains_to_max_steps_and_logs_lr_and_timing_every_log_every(tmp_path):
-    run, _ = train(tmp_path)
-    rows = logged(run)
+    run, _ = fit_line(tmp_path)
+    rows = list(logged(run.path).values())
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
     for row in rows:
@@ -73,46 +26,46 @@ def test_the_loop_trains_to_max_steps_and_logs_lr_and_timing_every_log_every(tmp
 
 
 def test_a_time_budget_stops_the_loop_and_names_the_reason(tmp_path):
-    run, _ = train(tmp_path, max_time_s=1e-9, max_steps=1000)
+    run, _ = fit_line(tmp_path, max_time_s=1e-9, max_steps=1000)
     metrics = read_manifest(run.path)["metrics"]
     assert metrics["stop_reason"] == "max_time_s" and metrics["steps"] == 1
 
 
 def test_a_non_finite_loss_stops_the_run_with_advice_and_marks_it_failed(tmp_path):
     with pytest.raises(LLMTrainError, match=r"training loss became nan at step 4.*Lower --lr"):
-        train(tmp_path, nan_loss_at=4)
+        fit_line(tmp_path, nan_loss_at=4)
     assert read_manifest(tmp_path / "fit")["status"] == "failed"
 
 
 def test_a_signal_saves_a_checkpoint_and_resume_ends_on_the_same_weights(tmp_path):
-    _, whole = train(tmp_path / "whole")
+    _, whole = fit_line(tmp_path / "whole")
     with pytest.raises(RunInterrupted, match="SIGTERM at step 3"):
-        train(tmp_path / "cut", stop_at=3)
+        fit_line(tmp_path / "cut", stop_at=3)
     assert read_manifest(tmp_path / "cut" / "fit")["status"] == "interrupted"
-    run, resumed = train(tmp_path / "cut", resume=True)
-    assert [r["step"] for r in logged(run)] == [2, 4, 6, 8]
+    run, resumed = fit_line(tmp_path / "cut", resume=True)
+    assert sorted(logged(run.path)) == [2, 4, 6, 8]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
 
 
 def test_nan_gradients_stop_the_run_before_the_step_is_saved(tmp_path):
     with pytest.raises(LLMTrainError, match=r"gradients were not finite.*at step 5.*last good checkpoint"):
-        train(tmp_path, nan_grads_at=(5,), save_every=1)
+        fit_line(tmp_path, nan_grads_at=(5,), save_every=1)
     run = tmp_path / "fit"
     assert read_manifest(run)["status"] == "failed"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000004"]
 
 
 def test_nan_gradients_are_skipped_and_counted_when_asked_and_stop_past_the_allowance(tmp_path):
-    run, model = train(tmp_path / "skip", nan_grads_at=(3, 6), skip_nonfinite_steps=2)
+    run, model = fit_line(tmp_path / "skip", nan_grads_at=(3, 6), skip_nonfinite_steps=2)
     assert read_manifest(run.path)["metrics"]["skipped_steps"] == 2
     assert torch.isfinite(model.weight).all()
     with pytest.raises(LLMTrainError, match="gradients were not finite.*2 such steps, more than"):
-        train(tmp_path / "stop", nan_grads_at=(3, 6), skip_nonfinite_steps=1)
+        fit_line(tmp_path / "stop", nan_grads_at=(3, 6), skip_nonfinite_steps=1)
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(Run, "save_checkpoint", lambda self, *args: saved.append(args))
     with pytest.raises(LLMTrainError, match="weights are not finite.*after step 1.*not saved"):
-        train(tmp_path, lr_scale=float("inf"), save_every=1)
+        fit_line(tmp_path, lr=float("inf"), save_every=1)
     assert saved == []

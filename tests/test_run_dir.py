@@ -2,7 +2,6 @@
 process trains in it, and a stage that fails before training leaves no folder behind."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,44 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_FLAGS, env_for, tiny_config
+from helpers import REPO, TINY_FLAGS, env_for, fit_line, tiny_config
 
 from llmtrain.config import SftConfig
 from llmtrain.errors import LLMTrainError, RunInterrupted
-from llmtrain.loop import Loop, prepare
 from llmtrain.registry import list_runs, read_manifest
 from llmtrain.run_dir import Run
 from llmtrain.runtime import make_accelerator
 from llmtrain.stages import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-X = torch.linspace(-1, 1, 32)[:, None]
-Y = 3 * X - 0.5
-
-
-def fit(runs: Path, stop_at: int | None = None, lr: float = 0.3, **overrides) -> tuple[Run, torch.nn.Linear]:
-    """A stage in miniature (open, start, loop, finish) fitting y = 3x - 0.5; SIGTERM to itself during `stop_at`."""
-    values = dict(runs_dir=str(runs), run_name="fit", max_steps=8, lr=lr, warmup_steps=0, log_every=2, save_every=0)
-    cfg = SftConfig(**{**values, "schedule": "constant", **overrides})
-    accelerator = make_accelerator(cfg)
-    run = Run.open(cfg, "sft", "linear", accelerator)
-    torch.manual_seed(0)
-    model, optimizer, _ = prepare(accelerator, cfg, torch.nn.Linear(1, 1))
-    loop = Loop.begin(cfg, accelerator, run, model, optimizer, cfg.max_steps)
-    loop.start("a linear fit")
-    with loop.training():
-        for _ in loop.steps():
-            loss = torch.nn.functional.mse_loss(model(X), Y)
-            loss.backward()
-            loop.optimizer_step()
-            if loop.step + 1 == stop_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            loop.log({"train_loss": loop.reduce(loss.detach()[None], tokens=len(X))[0]})
-            loop.checkpoint()
-    torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
-    loop.finish({}, {"loss": ["train_loss"]}, "fitted")
-    return run, model
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -107,10 +78,10 @@ def test_an_overwrite_replaces_the_run_when_it_finishes_and_leaves_no_temporary_
 
 
 def test_an_overwrite_that_fails_in_training_leaves_the_finished_run_untouched_and_is_not_listed(tmp_path):
-    fit(tmp_path)
+    fit_line(tmp_path)
     before = files(tmp_path / "fit")
     with pytest.raises(LLMTrainError, match="not finite|became"):
-        fit(tmp_path, lr=1e30, overwrite=True)  # its gradients or weights become NaN
+        fit_line(tmp_path, lr=1e30, overwrite=True)  # its gradients or weights become NaN
     assert files(tmp_path / "fit") == before
     assert read_manifest(tmp_path / ".overwrite" / "fit")["status"] == "failed"
     assert [(Path(m["_dir"]).name, m["status"]) for m in list_runs(tmp_path)] == [("fit", "finished")]
@@ -118,14 +89,14 @@ def test_an_overwrite_that_fails_in_training_leaves_the_finished_run_untouched_a
 
 
 def test_an_interrupted_overwrite_is_resumed_by_the_same_command_and_replaces_the_run_at_its_finish(tmp_path):
-    fit(tmp_path, lr=0.1)
+    fit_line(tmp_path, lr=0.1)
     before = files(tmp_path / "fit")
-    _, whole = fit(tmp_path / "whole")
+    _, whole = fit_line(tmp_path / "whole")
     with pytest.raises(RunInterrupted, match=r"SIGTERM at step 3; checkpoint saved in .*\.overwrite/fit"):
-        fit(tmp_path, stop_at=3, overwrite=True)
+        fit_line(tmp_path, stop_at=3, overwrite=True)
     assert files(tmp_path / "fit") == before
 
-    run, resumed = fit(tmp_path, overwrite=True)  # the same command
+    run, resumed = fit_line(tmp_path, overwrite=True)  # the same command
     assert run.path == tmp_path / "fit" and entries(tmp_path) == ["fit", "whole"]
     manifest = read_manifest(run.path)
     assert manifest["name"] == "fit" and manifest["resumed_at_steps"] == [3] and manifest["config"]["lr"] == 0.3
@@ -135,7 +106,7 @@ def test_an_interrupted_overwrite_is_resumed_by_the_same_command_and_replaces_th
 
 
 def test_a_swap_cut_short_between_its_renames_is_completed_by_the_next_start(tmp_path, monkeypatch):
-    fit(tmp_path, lr=0.1)
+    fit_line(tmp_path, lr=0.1)
     real_rename = Path.rename
 
     def killed_before_the_second_rename(self, target):
@@ -145,7 +116,7 @@ def test_a_swap_cut_short_between_its_renames_is_completed_by_the_next_start(tmp
 
     monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
     with pytest.raises(OSError, match="killed"):
-        fit(tmp_path, overwrite=True)
+        fit_line(tmp_path, overwrite=True)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not (tmp_path / "fit").exists() and (tmp_path / ".replaced" / "fit").is_dir()
 
@@ -185,22 +156,22 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
     started = "2025-01-01T00:00:00"
     lock = {"pid": dead.pid, "host": socket.gethostname(), "started": started, "time": time.time() - 5}
     (tmp_path / ".fit.lock").write_text(json.dumps(lock))
-    run, _ = fit(tmp_path)
+    run, _ = fit_line(tmp_path)
     assert read_manifest(run.path)["status"] == "finished"
     out = capsys.readouterr().out
     assert f"Taking over the lock of run 'fit': process {dead.pid} on {lock['host']}, which took it at {started}" in out
 
 
 def test_the_lock_is_released_when_a_run_finishes_fails_or_is_interrupted(tmp_path):
-    fit(tmp_path / "finishes")
+    fit_line(tmp_path / "finishes")
     assert entries(tmp_path / "finishes") == ["fit"]
     with pytest.raises(LLMTrainError):
-        fit(tmp_path / "fails", lr=1e30)
+        fit_line(tmp_path / "fails", lr=1e30)
     assert entries(tmp_path / "fails") == ["fit"]
     with pytest.raises(RunInterrupted):
-        fit(tmp_path / "interrupted", stop_at=2)
+        fit_line(tmp_path / "interrupted", stop_at=2)
     assert entries(tmp_path / "interrupted") == ["fit"]
-    fit(tmp_path / "interrupted")  # and it resumes
+    fit_line(tmp_path / "interrupted")  # and it resumes
 
 
 def test_new_runs_opened_together_get_different_names(tmp_path):
