@@ -195,8 +195,9 @@ class Loop:
         stop the run at the step's reduction, before anything of the step is saved; with `skip_nonfinite_steps`
         N, up to N such steps are skipped instead (counted; it reads the norm on the host at every step)."""
         sets = parameter_sets or (self.model.parameters(),)
-        norms = [self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip or math.inf) for params in sets]
-        norms = [n for n in norms if n is not None]  # DeepSpeed clips, and checks, inside its engine
+        clip = self.cfg.grad_clip or math.inf
+        norms = [_plain(self.accelerator.clip_grad_norm_(params, clip), self.accelerator.device) for params in sets]
+        norms = [n for n in norms if n is not None]
         if norms:
             bad = sum((~torch.isfinite(n)).float() for n in norms)
             if self.cfg.skip_nonfinite_steps and bad.item():
@@ -355,3 +356,11 @@ class Loop:
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:
             print(message, flush=True)
+
+
+def _plain(norm, device) -> torch.Tensor | None:
+    """A gradient norm as a plain tensor: FSDP2 returns a (replicated) DTensor; DeepSpeed, which clips inside its
+    engine, a float or None."""
+    if norm is None or isinstance(norm, torch.Tensor) and not hasattr(norm, "full_tensor"):
+        return norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else torch.tensor(float(norm), device=device)
