@@ -2,14 +2,15 @@
 
 A stage reads like this (the step in the middle is the stage's, everything else is here):
 
+    accelerator, init, run = open_run(cfg, "sft", parent_stage="pretrain")    # the model to start from, the run
     model, optimizer, raw_model = prepare(accelerator, cfg, model)
     loop = Loop.begin(cfg, accelerator, run, model, optimizer, total_steps)   # resumes if the run has a checkpoint
     loop.start(summary, model={...}, data={...})                              # manifest, trackers, one summary line
     with loop.training():                                  # signals, progress bar; a crash marks the run failed
         for lr in loop.steps():                            # stops at max_steps or max_time_s; sets the lr
             ... batch, forward, loss, backward ...
-            loop.optimizer_step()                          # clip, step, zero
-            totals = loop.reduce(sums, tokens)             # ONE collective: the stage's sums + the signal flag
+            loop.optimizer_step()                          # clip, step, zero (NaN/inf gradients are counted)
+            totals = loop.reduce(sums, tokens)             # ONE collective: the stage's sums, tokens, signal, NaN
             loop.log({"train_loss": ...})                  # NaN stop, timing fields, metrics.jsonl, progress
             if loop.due(cfg.eval_every): loop.log_eval(evaluate(...))
             loop.checkpoint()                              # every save_every steps, and on a signal

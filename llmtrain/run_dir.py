@@ -32,6 +32,7 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.registry import latest_run, new_run_name, read_manifest, timestamp, write_manifest
 
 CHECKPOINTS = "checkpoints"
+FILES = "files"  # in a checkpoint's trainer_state.json: each file of the checkpoint and its size
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
 OVERWRITE = ".overwrite"  # beside the runs: where a run that replaces another trains until it has finished
@@ -220,7 +221,10 @@ class Run:
         # Under FSDP and DeepSpeed every process writes its own shard: rename only once all are written.
         accelerator.wait_for_everyone()
         if self.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            # Every file with its size, so that a resume can tell a damaged checkpoint (a file deleted or cut short
+            # after the save) and fall back to the one before it.
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state, FILES: files}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
@@ -245,7 +249,9 @@ class Run:
         """Restore model, optimizer and RNG state from `resume_from`; return its trainer state."""
         assert self.resume_from is not None
         accelerator.load_state(str(self.resume_from))
-        return json.loads((self.resume_from / "trainer_state.json").read_text())
+        state = json.loads((self.resume_from / "trainer_state.json").read_text())
+        state.pop(FILES, None)
+        return state
 
     def remove_checkpoints(self) -> None:
         if self.is_main:
@@ -253,9 +259,31 @@ class Run:
 
 
 def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
-    done = sorted(p for p in (run_path / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+    """The newest intact checkpoint (temporary folders of an interrupted save are ignored). A damaged one, with a
+    file missing or of another size than it was saved with, is skipped with a notice saying why."""
+    for ckpt in sorted((run_path / CHECKPOINTS).glob("step-*"), reverse=True):
+        damage = _damage(ckpt)
+        if damage is None:
+            return ckpt
+        print(f"Skipping checkpoint {ckpt.name} of run '{run_path.name}': {damage}. Trying the one before.", flush=True)
+    return None
+
+
+def _damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file it was saved with is there, whole."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "it has no trainer_state.json (its save never finished)"
+    except (OSError, ValueError):
+        return "its trainer_state.json cannot be read"
+    for name, size in state.get(FILES, {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, not the {size:,} it was saved with"
+    return None
 
 
 def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[Path, Path | None, Path | None, RunLock]:

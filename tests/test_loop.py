@@ -69,3 +69,21 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(LLMTrainError, match="weights are not finite.*after step 1.*not saved"):
         fit_line(tmp_path, lr=float("inf"), save_every=1)
     assert saved == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, capsys, damage):
+    _, whole = fit_line(tmp_path / "whole")
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path / "cut", stop_at=5, save_every=2)  # leaves step 4 and step 5 (the signal's)
+    weights = tmp_path / "cut" / "fit" / "checkpoints" / "step-0000005" / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    capsys.readouterr()
+    run, resumed = fit_line(tmp_path / "cut", resume=True, save_every=2)
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint step-0000005" in out and "model.safetensors" in out
+    assert "Resuming fit from step 4" in out
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
