@@ -87,6 +87,18 @@ def test_bad_json_line_is_named_with_file_and_line(tmp_path, tokenizer):
         shards_for(path, tokenizer, tmp_path)
 
 
+@pytest.mark.parametrize("name", ["c.txt", "c.jsonl"])
+def test_a_corpus_that_is_not_utf8_is_refused_naming_the_line_and_the_encoding(tmp_path, tokenizer, name):
+    path = tmp_path / name
+    rows = ['{"text": "fine"}', '{"text": "Café au lait"}'] if name.endswith(".jsonl") else ["fine", "Café au lait"]
+    path.write_bytes("".join(f"{row}\n" for row in rows).encode("latin-1"))  # é is the one byte 0xe9 there
+    with pytest.raises(LLMTrainError, match=rf"{name}, line 2: not UTF-8 text \(byte 0xe9.*iconv -f LATIN1"):
+        shards_for(path, tokenizer, tmp_path)
+    path.write_bytes("fine".encode("utf-16"))
+    with pytest.raises(LLMTrainError, match="is UTF-16 text.*iconv -f UTF-16"):
+        shards_for(path, tokenizer, tmp_path)
+
+
 def test_missing_text_field_is_named_with_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")

@@ -154,6 +154,8 @@ def _load_local(loader: str, files: list[Path], text_field: str):
     import datasets
 
     kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
+    for f in files if loader in ("text", "json") else []:
+        _check_utf8(f)
     try:
         ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # noqa: BLE001 - pinpoint the bad line ourselves
@@ -194,9 +196,43 @@ def _select_text(ds, text_field: str, where: str):
     return ds
 
 
+def _check_utf8(path: Path) -> None:
+    """Stop on a local text file that is not UTF-8, naming the line and the byte: a corpus is never trained with
+    replacement characters in it. Read in blocks of whole lines; only a block that fails is split into lines."""
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise LLMTrainError(
+                f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); corpus files must be UTF-8. Convert "
+                f"it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > converted{path.suffix}`."
+            )
+        f.seek(0)
+        line, pending = 1, b""
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            data = pending + chunk
+            cut = data.rfind(b"\n") + 1
+            _decode_lines(data[:cut], path, line)
+            line, pending = line + data.count(b"\n", 0, cut), data[cut:]
+        _decode_lines(pending, path, line)
+
+
+def _decode_lines(block: bytes, path: Path, first_line: int) -> None:
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        for i, raw in enumerate(block.split(b"\n")):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LLMTrainError(
+                    f"{path}, line {first_line + i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} of "
+                    f"the line); corpus files must be UTF-8. Convert the file (e.g. from Latin-1: `iconv -f LATIN1 -t "
+                    f"UTF-8 {path} > converted{path.suffix}`) or fix that line."
+                ) from None
+
+
 def _check_jsonl(path: Path, text_field: str) -> None:
     """Find the first line of a JSON-lines file that is not JSON or lacks a string `text_field`."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
