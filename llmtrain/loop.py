@@ -223,14 +223,14 @@ class Loop:
             + " To skip a few such steps instead, pass --skip_nonfinite_steps N."
         )
 
-    def reduce(self, sums: torch.Tensor | None = None, tokens: float = 0.0) -> list[float]:
+    def reduce(self, sums: torch.Tensor | None = None, tokens: float | torch.Tensor = 0.0) -> list[float]:
         """End of a step: the stage's summed statistics, the tokens it trained on and "was any process
         signalled" summed over all processes in one collective; returns the stage's sums."""
         self.step += 1
         device = self.accelerator.device
         sums = torch.zeros(0, device=device) if sums is None else sums
-        extra = torch.tensor([float(tokens), float(self._signal[0])], dtype=sums.dtype, device=device)
-        flags = torch.cat([sums, extra, self._nonfinite.to(sums.dtype)[None]])
+        extra = [torch.as_tensor(tokens, device=device), torch.tensor(float(self._signal[0]), device=device)]
+        flags = torch.cat([sums, torch.stack([t.to(sums.dtype) for t in [*extra, self._nonfinite]])])
         flags = self.accelerator.reduce(flags, reduction="sum") if self.world > 1 else flags
         *totals, tokens_total, signalled, nonfinite = flags.tolist()
         if nonfinite:

@@ -79,7 +79,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
     # Read line by line ourselves (not with `datasets`) so every error can name the exact line.
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, path, lineno)
+            line = utf8_text(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -94,7 +94,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
 def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
     # A .json file is either one array of rows or, as `datasets` also allows, JSON lines.
     try:
-        data = json.loads(_utf8(path.read_bytes(), path))
+        data = json.loads(utf8_text(path.read_bytes(), path))
     except json.JSONDecodeError:
         yield from _jsonl_rows(path)
         return
@@ -107,7 +107,7 @@ def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
         yield row, f"{path}, row {i}"
 
 
-def _utf8(raw: bytes, path: Path, lineno: int | None = None) -> str:
+def utf8_text(raw: bytes, path: Path, lineno: int | None = None) -> str:
     """Bytes as UTF-8 text (a leading byte-order mark dropped); anything else is an error naming the encoding,
     never text with replacement characters trained in silence."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and lineno in (None, 1):

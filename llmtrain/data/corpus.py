@@ -200,12 +200,6 @@ def _check_utf8(path: Path) -> None:
     """Stop on a local text file that is not UTF-8, naming the line and the byte: a corpus is never trained with
     replacement characters in it. Read in blocks of whole lines; only a block that fails is split into lines."""
     with open(path, "rb") as f:
-        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
-            raise LLMTrainError(
-                f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); corpus files must be UTF-8. Convert "
-                f"it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > converted{path.suffix}`."
-            )
-        f.seek(0)
         line, pending = 1, b""
         for chunk in iter(lambda: f.read(1 << 22), b""):
             data = pending + chunk
@@ -216,18 +210,13 @@ def _check_utf8(path: Path) -> None:
 
 
 def _decode_lines(block: bytes, path: Path, first_line: int) -> None:
+    from llmtrain.data.chat import utf8_text  # the chat data's check, whose error names the line and the encoding
+
     try:
-        block.decode("utf-8")
+        block.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError:
         for i, raw in enumerate(block.split(b"\n")):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LLMTrainError(
-                    f"{path}, line {first_line + i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} of "
-                    f"the line); corpus files must be UTF-8. Convert the file (e.g. from Latin-1: `iconv -f LATIN1 -t "
-                    f"UTF-8 {path} > converted{path.suffix}`) or fix that line."
-                ) from None
+            utf8_text(raw, path, first_line + i)
 
 
 def _check_jsonl(path: Path, text_field: str) -> None:

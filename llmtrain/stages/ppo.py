@@ -164,7 +164,7 @@ def run(cfg: PpoConfig) -> Path:
             sums = ppo_update(loop, rollout, old_logprobs, old_values, advantages, returns)
             t_trained = time.perf_counter()
 
-            loop.reduce(tokens=int(rollout.attention_mask.sum()))
+            loop.reduce(tokens=rollout.attention_mask.sum())
             metrics = _step_metrics(rollout, raw_scores, scores, kl, old_values, returns, sums, kl_ctl, reduce)
             kl_ctl.update(metrics["kl"], global_batch * cfg.num_generations)
             loop.state["kl_coef"] = kl_ctl.value

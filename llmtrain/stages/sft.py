@@ -115,8 +115,8 @@ def run(cfg: SftConfig) -> Path:
                 loss_sum += summed.detach()
             loop.optimizer_step()
             real_tokens = sum(len(item.input_ids) for chunk in chunks for item in chunk)  # no padding
-            (loss_total,) = loop.reduce(loss_sum[None], tokens=real_tokens)
-            loop.log({"train_loss": loss_total / n_global.item()})
+            (train_loss,) = loop.reduce((loss_sum / n_global)[None], tokens=real_tokens)  # summed over processes
+            loop.log({"train_loss": train_loss})
             if loop.due(cfg.eval_every):
                 loop.log_eval(evaluate(answers=False))
             loop.checkpoint()
