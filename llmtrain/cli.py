@@ -14,6 +14,7 @@ STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 
 def run_stage(stage: str, argv: list[str]) -> int:
     """Parse a stage's config from `argv`, run it, and turn user errors into a message and an exit code."""
+    _stop_cleanly_on_signals()
     try:
         from llmtrain.config import STAGE_CONFIGS, parse_config
 
@@ -29,6 +30,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
     except RunInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt as e:
+        return _stopped_outside_the_steps(e)
     # Under `accelerate launch` every process runs the stage; only global rank 0 uploads.
     if cfg.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
         return _push(run_path, cfg.hub_repo_id, cfg.hub_private)
@@ -57,6 +60,7 @@ def run_pipeline(argv: list[str]) -> int:
     """`llmtrain pipeline` / recipes/pipeline.py: the stages in order, one table at the end."""
     from llmtrain import pipeline
 
+    _stop_cleanly_on_signals()
     try:
         return pipeline.main(argv)
     except LLMTrainError as e:
@@ -65,6 +69,37 @@ def run_pipeline(argv: list[str]) -> int:
     except RunInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt as e:
+        return _stopped_outside_the_steps(e)
+
+
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM outside the training steps (which checkpoint on it) stops like Ctrl-C: a message, no traceback; and
+    under `accelerate launch` a signal that ends the launcher reaches this process too."""
+    import signal
+
+    from llmtrain.runtime import stop_with_the_launcher
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals keep their default
+        pass
+    stop_with_the_launcher()
+
+
+def _stopped_outside_the_steps(e: KeyboardInterrupt) -> int:
+    import signal
+
+    signum = e.args[0] if e.args else signal.SIGINT
+    print(
+        f"Stopped by {signal.Signals(signum).name} outside the training steps; no trained step was lost. A run that "
+        "had started resumes from its last checkpoint with the same command plus --run_name NAME.",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 def _runs_dir(value: str | None) -> str:

@@ -14,7 +14,8 @@ A stage reads like this (the step in the middle is the stage's, everything else 
             loop.log({"train_loss": ...})                  # NaN stop, timing fields, metrics.jsonl, progress
             if loop.due(cfg.eval_every): loop.log_eval(evaluate(...))
             loop.checkpoint()                              # every save_every steps, and on a signal
-    loop.finish(final_metrics, PLOT_CURVES, "message")     # manifest, plot, checkpoints removed
+        ... final evaluation, save ...                     # the last step is checkpointed: a signal here resumes
+        loop.finish(final_metrics, PLOT_CURVES, "message") # manifest, plot, checkpoints removed
 
 Batches stay a pure function of (seed, step), so resume, accumulation and extra processes give the same curve.
 """
@@ -89,6 +90,8 @@ class Loop:
     _t0: float = 0.0
     _signal: list[int] = field(default_factory=lambda: [0])
     _signalled: bool = False
+    _stopped: bool = False
+    _steps_saved: bool = False  # the steps are over and checkpointed: a signal then stops the run at once
     _progress: Any = None
     _nonfinite: torch.Tensor | None = None  # this step's count of optimizer steps with non-finite gradients
     _window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("steps", "time", "tokens", "data"), 0.0))
@@ -133,16 +136,24 @@ class Loop:
 
     @contextmanager
     def training(self):
-        """Around the loop: SIGTERM/SIGINT only set a flag, which the step's reduction shares, so that every
-        process checkpoints after the same step; a progress bar; a crash marks the run failed (an interruption
-        leaves it resumable); either way the run's lock is released."""
+        """Around the steps and the end of the run (final evaluation, save, `finish`). During the steps SIGTERM and
+        SIGINT only set a flag, which the step's reduction shares, so that every process checkpoints after the same
+        step. Once the steps are over and saved (`steps` checkpoints the last one), a signal stops the run at once:
+        the final evaluation and save are redone on resume. A crash marks the run failed; an interruption leaves it
+        resumable; either way the run's lock is released. Also a progress bar."""
         from tqdm.auto import tqdm
 
         received = self._signal = [0]
+
+        def on_signal(signum, frame):
+            received[0] = signum
+            if self._steps_saved:
+                raise RunInterrupted(self.run.name, str(self.run.path), self.step, signum)
+
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                previous[sig] = signal.signal(sig, lambda signum, frame: received.__setitem__(0, signum))
+                previous[sig] = signal.signal(sig, on_signal)
             except ValueError:  # not the main thread (e.g. a notebook worker): signals keep their default
                 pass
         main = self.accelerator.is_main_process
@@ -157,6 +168,8 @@ class Loop:
         try:
             yield
         except RunInterrupted:
+            if self.run.manifest.get("status") == "running":  # stopped after the steps: the last one is saved
+                self.run.update(status="interrupted")
             self.run.release()
             raise  # a checkpoint was saved: the run stays resumable
         except Exception:  # a user error or a crash: the run is marked failed, not left "running"
@@ -164,6 +177,7 @@ class Loop:
             self.run.release()
             raise
         finally:
+            self._steps_saved = False
             self._progress.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -172,10 +186,10 @@ class Loop:
         """Each step's learning rate, set on every param group (scaled from its `base_lr`), until the step
         budget or the time budget (`max_time_s`) is spent."""
         cfg = self.cfg
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self._stopped:
             if cfg.max_time_s and self.train_time >= cfg.max_time_s:
                 self.stop_reason = "max_time_s"
-                return
+                break
             self._t0 = time.perf_counter()
             self._nonfinite = torch.zeros((), device=self.accelerator.device)
             for group in self.optimizer.param_groups:
@@ -189,6 +203,23 @@ class Loop:
                     cfg.decay_fraction,
                 )
             yield self.optimizer.param_groups[0]["lr"]
+        self._save_last_step()
+
+    def stop(self, reason: str) -> None:
+        """End the steps before the step budget (a stage's own limit, e.g. max_tokens); `steps` then ends as usual."""
+        self.stop_reason, self._stopped = reason, True
+
+    def _save_last_step(self) -> None:
+        """The steps are over: checkpoint the last one (unless this run resumed from it), so that a signal during the
+        final evaluation or save leaves a run that resumes straight to them. From here a signal stops at once."""
+        if self.run.saved_step != self.step:
+            self._check_finite_weights()
+            state = {"train_time_s": self.train_time, **self.state}
+            self.run.save_checkpoint(self.accelerator, self.step, state, self.cfg.keep_checkpoints)
+        self._steps_saved = True
+        self._progress.close()
+        if self._signal[0]:  # arrived after the last step's reduction
+            raise RunInterrupted(self.run.name, str(self.run.path), self.step, self._signal[0])
 
     def optimizer_step(self, *parameter_sets) -> torch.Tensor | None:
         """Clip the gradient norm (of each set given, else of the whole model; `grad_clip` 0 only measures it),
@@ -333,6 +364,7 @@ class Loop:
         """Mark the run finished with its metrics (the final ones, the last training loss, steps, time, stop
         reason and the parent's, prefixed `parent_`), plot the curves, drop the checkpoints; then a replacement
         (--overwrite) takes the place of the run it replaces, and the run's lock is released."""
+        self._steps_saved = False  # once the run is being marked finished, a signal no longer cuts it short
         metrics = {**final}
         if "train_loss" in self.last:
             metrics["train_loss"] = self.last["train_loss"]

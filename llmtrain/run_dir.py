@@ -51,6 +51,7 @@ class Run:
     engine: str = "NO"  # how the processes share the work: MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED ZeRO-3...
     replaces: Path | None = None  # with --overwrite: the run folder this run takes the place of when it finishes
     lock: RunLock | None = None  # held by the main process from the opening to the end of the run
+    saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
 
     @property
     def name(self) -> str:
@@ -230,6 +231,7 @@ class Run:
             for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self.saved_step = step
         return final
 
     def checkpoint_after_step(
@@ -251,6 +253,7 @@ class Run:
         accelerator.load_state(str(self.resume_from))
         state = json.loads((self.resume_from / "trainer_state.json").read_text())
         state.pop(FILES, None)
+        self.saved_step = state["step"]
         return state
 
     def remove_checkpoints(self) -> None:

@@ -114,3 +114,26 @@ def cache_dir(configured: str | None = None) -> Path:
     path = Path(configured or os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Variables that `accelerate launch` sets for the processes it starts: ACCELERATE_USE_CPU by its one-process
+# launcher, TORCHELASTIC_RUN_ID by torchrun, which its multi-process launcher runs.
+LAUNCHER_VARIABLES = ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")
+
+
+def stop_with_the_launcher(env: Mapping[str, str] = os.environ) -> bool:
+    """Under `accelerate launch`, have the kernel send this process SIGTERM when its launcher dies (Linux).
+
+    A scheduler or container runtime that signals only the main process ends the launcher: its one-process form
+    forwards nothing and dies at once, leaving training to run on with no checkpoint. With this the stage gets the
+    signal too, checkpoints and stops. (torchrun, for several processes, forwards the signal itself and waits 30 s
+    before it kills them; this also covers a launcher killed outright.) Returns whether it was set up."""
+    import sys
+
+    if not sys.platform.startswith("linux") or not any(name in env for name in LAUNCHER_VARIABLES):
+        return False
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0

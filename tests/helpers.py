@@ -145,11 +145,12 @@ def fit_line(
     lr: float = 0.3,
     nan_grads_at: tuple[int, ...] = (),
     nan_loss_at: int | None = None,
+    stop_in_final: bool = False,
     **overrides,
 ):
     """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
-    layer: SIGTERM to itself during step `stop_at`, NaN gradients during the steps in `nan_grads_at`, a NaN loss
-    logged at step `nan_loss_at`. Returns the run and the model."""
+    layer: SIGTERM to itself during step `stop_at` (or during the final save, `stop_in_final`), NaN gradients during
+    the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`. Returns the run and the model."""
     import signal
 
     import torch
@@ -181,6 +182,8 @@ def fit_line(
             (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(x))
             loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
             loop.checkpoint()
-    torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
-    loop.finish({}, {"loss": ["train_loss"]}, "fitted")
+        if stop_in_final:  # as if a scheduler stopped the job during the final evaluation or save
+            os.kill(os.getpid(), signal.SIGTERM)
+        torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
+        loop.finish({}, {"loss": ["train_loss"]}, "fitted")
     return run, model

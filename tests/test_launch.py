@@ -1,10 +1,14 @@
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import REPO, env_for
+from helpers import REPO, TINY_FLAGS, env_for
+
+from llmtrain.registry import read_manifest
 
 LAUNCH = REPO / "launch"
 
@@ -82,3 +86,34 @@ def test_the_slurm_script_joins_the_nodes_into_one_group(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     found = sorted(re.findall(r"rank \d world \d local \d", out.stdout))
     assert found == ["rank 0 world 2 local 0", "rank 1 world 2 local 0"]  # one process on each node
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", [["--num_processes", "1"], ["--config_file", str(LAUNCH / "cpu-2proc.yaml")]])
+def test_sigterm_to_the_launcher_alone_checkpoints_the_run(tmp_path, launch):
+    # What a container runtime or a scheduler that signals only the main process does: the one-process launcher
+    # dies at once without forwarding it (the stage follows it by PR_SET_PDEATHSIG); torchrun forwards it.
+    recipe = [str(REPO / "recipes" / "pretrain.py"), *TINY_FLAGS, "--max_steps", "100000", "--run_name", "cut"]
+    launcher = subprocess.Popen(
+        ["accelerate", "launch", *launch, *recipe],
+        env=env_for(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the signal goes to the launcher only, not to a process group
+    )
+    run = tmp_path / "runs" / "cut"
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").is_file() or "train_loss" not in (run / "metrics.jsonl").read_text():
+            assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        os.kill(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=60)
+        while (tmp_path / "runs" / ".cut.lock").exists():  # released when the stage has saved and stopped
+            assert time.time() < deadline + 60, "the training processes did not stop"
+            time.sleep(0.2)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert read_manifest(run)["status"] == "interrupted"
+    assert list((run / "checkpoints").glob("step-*"))

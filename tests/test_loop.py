@@ -47,6 +47,22 @@ def test_a_signal_saves_a_checkpoint_and_resume_ends_on_the_same_weights(tmp_pat
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
 
 
+def test_a_signal_after_the_last_step_leaves_a_run_that_resumes_straight_to_the_final_save(tmp_path):
+    _, whole = fit_line(tmp_path / "whole")
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 8"):
+        fit_line(tmp_path / "cut", stop_in_final=True)
+    cut = tmp_path / "cut" / "fit"
+    assert read_manifest(cut)["status"] == "interrupted"
+    assert [p.name for p in (cut / "checkpoints").glob("step-*")] == ["step-0000008"]
+    assert not (cut / "weights.pt").exists()
+    run, resumed = fit_line(tmp_path / "cut", resume=True)
+    manifest = read_manifest(run.path)
+    assert manifest["status"] == "finished" and manifest["resumed_at_steps"] == [8]
+    assert sorted(logged(run.path)) == [2, 4, 6, 8] and not (cut / "checkpoints").exists()
+    assert torch.equal(torch.load(cut / "weights.pt")["weight"], whole.weight)
+    assert torch.equal(resumed.weight, whole.weight)
+
+
 def test_nan_gradients_stop_the_run_before_the_step_is_saved(tmp_path):
     with pytest.raises(LLMTrainError, match=r"gradients were not finite.*at step 5.*last good checkpoint"):
         fit_line(tmp_path, nan_grads_at=(5,), save_every=1)

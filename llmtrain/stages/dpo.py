@@ -133,21 +133,21 @@ def run(cfg: DpoConfig) -> Path:
                 loop.log_eval(_preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator))
             loop.checkpoint()
 
-    # ---- the end: held-out preference metrics, task accuracy, win rate, save, register
-    # Evaluation runs on the unwrapped model: each rank scores its own share, with no DDP hooks in between.
-    final = _preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator)
-    task, replies = answers(show=cfg.num_samples)
-    final |= task
-    if judge is not None and eval_prompts:
-        final["win_rate"] = win_rate(judge, eval_prompts, replies, loop.state["parent_replies"], accelerator)
-    loop.log_eval(final)
-    save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
-    summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]
-    if "task_accuracy" in final:
-        summary.append(f"task_accuracy {parent['task_accuracy']:.4f} -> {final['task_accuracy']:.4f}")
-    if "win_rate" in final:
-        summary.append(f"win rate vs parent {final['win_rate']:.3f}")
-    loop.finish(final, PLOT_CURVES, ", ".join(summary))
+        # ---- the end: held-out preference metrics, task accuracy, win rate, save, register
+        # Evaluation runs on the unwrapped model: each rank scores its own share, with no DDP hooks in between.
+        final = _preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator)
+        task, replies = answers(show=cfg.num_samples)
+        final |= task
+        if judge is not None and eval_prompts:
+            final["win_rate"] = win_rate(judge, eval_prompts, replies, loop.state["parent_replies"], accelerator)
+        loop.log_eval(final)
+        save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
+        summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]
+        if "task_accuracy" in final:
+            summary.append(f"task_accuracy {parent['task_accuracy']:.4f} -> {final['task_accuracy']:.4f}")
+        if "win_rate" in final:
+            summary.append(f"win rate vs parent {final['win_rate']:.3f}")
+        loop.finish(final, PLOT_CURVES, ", ".join(summary))
     return run.path
 
 

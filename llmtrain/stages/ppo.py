@@ -181,16 +181,16 @@ def run(cfg: PpoConfig) -> Path:
                 loop.log_eval(evaluate())
             loop.checkpoint()
 
-    # ---- the end: held-out answers, save, register
-    final = evaluate(show=cfg.num_samples)
-    loop.log_eval(final)
-    state_dict = loop.full_state_dict()
-    policy_state = {k.removeprefix("policy."): v for k, v in (state_dict or {}).items() if k.startswith("policy.")}
-    save_policy(raw.policy, policy_state, tokenizer, run.path, cfg, accelerator)
-    final |= {k: loop.last[k] for k in ("reward_mean", "kl", "response_length") if k in loop.last}
-    final |= {"reward_shift": loop.state["reward_shift"], "kl_coef": kl_ctl.value}
-    gains = ", ".join(f"{k} {parent[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent)
-    loop.finish(final, PLOT_CURVES, gains)
+        # ---- the end: held-out answers, save, register
+        final = evaluate(show=cfg.num_samples)
+        loop.log_eval(final)
+        state_dict = loop.full_state_dict()
+        policy_state = {k.removeprefix("policy."): v for k, v in (state_dict or {}).items() if k.startswith("policy.")}
+        save_policy(raw.policy, policy_state, tokenizer, run.path, cfg, accelerator)
+        final |= {k: loop.last[k] for k in ("reward_mean", "kl", "response_length") if k in loop.last}
+        final |= {"reward_shift": loop.state["reward_shift"], "kl_coef": kl_ctl.value}
+        gains = ", ".join(f"{k} {parent[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent)
+        loop.finish(final, PLOT_CURVES, gains)
     return run.path
 
 

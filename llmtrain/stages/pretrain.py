@@ -105,9 +105,9 @@ def run(cfg: PretrainConfig) -> Path:
         loop.log_eval(last_val)
     with loop.training():
         for _ in loop.steps():
-            if cfg.max_tokens and loop.state["tokens_seen"] >= cfg.max_tokens:
-                loop.stop_reason = "max_tokens"
-                break
+            if cfg.max_tokens and loop.state["tokens_seen"] >= cfg.max_tokens:  # a resumed run with a larger batch
+                loop.stop("max_tokens")
+                continue
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 with loop.waiting_for_data():
@@ -131,28 +131,28 @@ def run(cfg: PretrainConfig) -> Path:
                 _print_samples(loop.write, raw_model, tokenizer, val_data, cfg, accelerator)
             loop.checkpoint()
 
-    # ---- the end: evaluate, sample, save a Hugging Face checkpoint, register
-    final = evaluate()
-    if final != last_val:
-        loop.log_eval(final)
-    _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
-    state_dict = loop.full_state_dict()
-    if accelerator.is_main_process:
-        if raw_model.generation_config.eos_token_id is None:  # a model's own end-of-sequence ids are kept
-            raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
-        raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
-        raw_model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
-        save_tokenizer(tokenizer, run.path)
-    tokens_seen, train_time = loop.state["tokens_seen"], loop.train_time
-    final |= {"tokens_seen": tokens_seen, "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else 0.0}
-    if loop.peak_flops and train_time:
-        final["mfu"] = loop.flops_per_token * final["tokens_per_s"] / (loop.peak_flops * world)
-    loop.finish(
-        final,
-        PLOT_CURVES,
-        f"val_loss {final['val_loss']:.4f}, val_bpb {final['val_bpb']:.4f}, "
-        f"{final['tokens_per_s']:,.0f} tokens/s ({loop.stop_reason})",
-    )
+        # ---- the end: evaluate, sample, save a Hugging Face checkpoint, register
+        final = evaluate()
+        if final != last_val:
+            loop.log_eval(final)
+        _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
+        state_dict = loop.full_state_dict()
+        if accelerator.is_main_process:
+            if raw_model.generation_config.eos_token_id is None:  # a model's own end-of-sequence ids are kept
+                raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
+            raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
+            raw_model.save_pretrained(run.path, state_dict=state_dict, safe_serialization=True)
+            save_tokenizer(tokenizer, run.path)
+        tokens_seen, train_time = loop.state["tokens_seen"], loop.train_time
+        final |= {"tokens_seen": tokens_seen, "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else 0.0}
+        if loop.peak_flops and train_time:
+            final["mfu"] = loop.flops_per_token * final["tokens_per_s"] / (loop.peak_flops * world)
+        loop.finish(
+            final,
+            PLOT_CURVES,
+            f"val_loss {final['val_loss']:.4f}, val_bpb {final['val_bpb']:.4f}, "
+            f"{final['tokens_per_s']:,.0f} tokens/s ({loop.stop_reason})",
+        )
     return run.path
 
 

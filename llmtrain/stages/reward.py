@@ -89,20 +89,20 @@ def run(cfg: RewardConfig) -> Path:
                 loop.log_eval(evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)[0])
             loop.checkpoint()
 
-    # ---- the end: pairwise accuracy on held-out pairs, score distributions, save, register
-    final, scores = evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)
-    loop.log_eval(final)
-    save_reward_model(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
-    final |= {
-        "chosen_score_mean": float(np.mean(scores["chosen"])),
-        "rejected_score_mean": float(np.mean(scores["rejected"])),
-    }
-    loop.finish(
-        final,
-        PLOT_CURVES,
-        f"reward_accuracy {final['reward_accuracy']:.4f} on {len(held_out)} held-out pairs",
-        histograms={"held-out scores": scores},
-    )
+        # ---- the end: pairwise accuracy on held-out pairs, score distributions, save, register
+        final, scores = evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)
+        loop.log_eval(final)
+        save_reward_model(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
+        final |= {
+            "chosen_score_mean": float(np.mean(scores["chosen"])),
+            "rejected_score_mean": float(np.mean(scores["rejected"])),
+        }
+        loop.finish(
+            final,
+            PLOT_CURVES,
+            f"reward_accuracy {final['reward_accuracy']:.4f} on {len(held_out)} held-out pairs",
+            histograms={"held-out scores": scores},
+        )
     return run.path
 
 

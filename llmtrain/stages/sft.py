@@ -121,12 +121,12 @@ def run(cfg: SftConfig) -> Path:
                 loop.log_eval(evaluate(answers=False))
             loop.checkpoint()
 
-    # ---- the end: evaluate, sample, save, register
-    final = evaluate(answers=checker is not None, show=cfg.num_samples)
-    loop.log_eval(final)
-    save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
-    gains = ", ".join(f"{k} {parent_metrics[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent_metrics)
-    loop.finish(final, PLOT_CURVES, gains)
+        # ---- the end: evaluate, sample, save, register
+        final = evaluate(answers=checker is not None, show=cfg.num_samples)
+        loop.log_eval(final)
+        save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
+        gains = ", ".join(f"{k} {parent_metrics[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent_metrics)
+        loop.finish(final, PLOT_CURVES, gains)
     return run.path
 
 
