@@ -173,7 +173,8 @@ class Loop:
             self.run.release()
             raise  # a checkpoint was saved: the run stays resumable
         except Exception:  # a user error or a crash: the run is marked failed, not left "running"
-            self.run.update(status="failed")
+            if self.run.manifest.get("status") != "finished":  # a finished run cut short in its swap stays so
+                self.run.update(status="failed")
             self.run.release()
             raise
         finally:
