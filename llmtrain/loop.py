@@ -57,6 +57,7 @@ def open_run(cfg: Any, stage: str, parent_stage: str) -> tuple[Any, ModelSource,
     accelerator = make_accelerator(cfg)
     init = resolve_init(cfg.init, cfg.runs_dir, parent_stage)
     run = Run.open(cfg, stage, parent_manifest(init).get("preset") or Path(init.spec).name, accelerator)
+    run.pin_parent("init", cfg.init, init.path)
     return accelerator, init, run
 
 

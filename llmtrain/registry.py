@@ -7,6 +7,7 @@ Hugging Face checkpoint plus `llmtrain.json`, the manifest that records its line
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -146,6 +147,33 @@ def parent_manifest(source: ModelSource) -> dict[str, Any]:
         return read_manifest(source.path) if source.kind == "run" else {}
     except LLMTrainError:
         return {}
+
+
+def model_fingerprint(path: str | Path) -> str | None:
+    """A content hash of a local checkpoint folder (None for a Hub id): the name, size and sampled bytes of each of its
+    weight, config and tokenizer files. Sampling (the whole of small files, 16 spread 64 KiB blocks of large ones)
+    keeps it cheap for a model of many gigabytes; retrained or replaced weights differ in every block."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.suffix not in MODEL_FILE_SUFFIXES or f.name == MANIFEST:
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= 16 * SAMPLE_BLOCK:
+                h.update(fh.read())
+                continue
+            for i in range(16):
+                fh.seek(i * (size - SAMPLE_BLOCK) // 15)
+                h.update(fh.read(SAMPLE_BLOCK))
+    return h.hexdigest()[:16]
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt")
+SAMPLE_BLOCK = 1 << 16
 
 
 # ---------------------------------------------------------------- runs

@@ -29,7 +29,7 @@ from typing import Any
 
 from llmtrain import __version__
 from llmtrain.errors import LLMTrainError
-from llmtrain.registry import latest_run, new_run_name, read_manifest, timestamp, write_manifest
+from llmtrain.registry import latest_run, model_fingerprint, new_run_name, read_manifest, timestamp, write_manifest
 
 CHECKPOINTS = "checkpoints"
 FILES = "files"  # in a checkpoint's trainer_state.json: each file of the checkpoint and its size
@@ -52,6 +52,7 @@ class Run:
     replaces: Path | None = None  # with --overwrite: the run folder this run takes the place of when it finishes
     lock: RunLock | None = None  # held by the main process from the opening to the end of the run
     saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
+    parents: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> spec, path, fingerprint
 
     @property
     def name(self) -> str:
@@ -101,6 +102,26 @@ class Run:
         if self.lock is not None:
             self.lock.release()
 
+    def pin_parent(self, role: str, spec: str, path: str | None) -> None:
+        """Record a model this run starts from or is judged by (its resolved path and content hash). A resumed run
+        must find the same one: a spec such as `latest` that now names another run, or a parent whose files changed
+        on disk since the run started, is an error that says what changed."""
+        pinned = {"spec": spec, "path": path, "fingerprint": model_fingerprint(path) if path else None}
+        before = _read_if_any(self.path).get("parents", {}).get(role) if self.resume_from is not None else None
+        if before and before["path"] != path:
+            raise LLMTrainError(
+                f"Run '{self.name}' started from {role} {before['path']} (given as '{before['spec']}'), but "
+                f"'{spec}' now names {path}. A resumed run keeps the models it started with: pass "
+                f"--{role} {before['path']} to resume it, or start a new run."
+            )
+        if before and before["fingerprint"] != pinned["fingerprint"]:
+            raise LLMTrainError(
+                f"The {role} of run '{self.name}', {path}, changed on disk since the run started (its weights, "
+                f"config or tokenizer files differ from when it was recorded). Resuming would continue against "
+                f"another model: restore that model, or start a new run."
+            )
+        self.parents[role] = pinned
+
     # ------------------------------------------------------------ manifest
 
     def start(self, config: dict[str, Any], **fields: Any) -> None:
@@ -122,6 +143,7 @@ class Run:
             "updated": timestamp(),
             **fields,
             "engine": self.engine,
+            "parents": self.parents,
             "config": config,
             "resumed_at_steps": previous.get("resumed_at_steps", []),
             "versions": library_versions(),

@@ -146,11 +146,13 @@ def fit_line(
     nan_grads_at: tuple[int, ...] = (),
     nan_loss_at: int | None = None,
     stop_in_final: bool = False,
+    parent: Path | None = None,
     **overrides,
 ):
     """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
     layer: SIGTERM to itself during step `stop_at` (or during the final save, `stop_in_final`), NaN gradients during
-    the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`. Returns the run and the model."""
+    the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`; `parent`, a model folder it records as the
+    one it starts from. Returns the run and the model."""
     import signal
 
     import torch
@@ -166,6 +168,8 @@ def fit_line(
     cfg = SftConfig(**{**values, "schedule": "constant", **overrides})
     accelerator = make_accelerator(cfg)
     run = Run.open(cfg, "sft", "linear", accelerator)
+    if parent is not None:
+        run.pin_parent("init", parent.name, str(parent))
     torch.manual_seed(0)
     model, optimizer, _ = prepare(accelerator, cfg, torch.nn.Linear(1, 1))
     loop = Loop.begin(cfg, accelerator, run, model, optimizer, cfg.max_steps)

@@ -126,6 +126,34 @@ def test_a_swap_cut_short_between_its_renames_is_completed_by_the_next_start(tmp
     assert entries(tmp_path) == ["fit"]
 
 
+# ---------------------------------------------------------------- parents
+
+
+def a_model(folder: Path, fill: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(fill * (3 << 20))  # large enough to be sampled, not read whole
+    return folder
+
+
+def test_a_resumed_run_refuses_a_parent_that_moved_or_changed_on_disk(tmp_path):
+    first, second = a_model(tmp_path / "sft-a", b"a"), a_model(tmp_path / "sft-b", b"b")
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3, parent=first)
+    assert read_manifest(tmp_path / "fit")["parents"]["init"]["path"] == str(first)
+
+    with pytest.raises(LLMTrainError, match=r"started from init .*sft-a.*now names .*sft-b.*--init .*sft-a"):
+        fit_line(tmp_path, resume=True, parent=second)  # as `--init latest` after a newer run appeared
+    weights = first / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: 2 << 20] + b"c" + original[(2 << 20) + 1 :])  # one byte, same size
+    with pytest.raises(LLMTrainError, match=r"sft-a, changed on disk since the run started"):
+        fit_line(tmp_path, resume=True, parent=first)
+    weights.write_bytes(original)
+    run, _ = fit_line(tmp_path, resume=True, parent=first)
+    assert read_manifest(run.path)["status"] == "finished"
+
+
 # ---------------------------------------------------------------- the lock
 
 

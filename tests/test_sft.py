@@ -101,7 +101,9 @@ def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypa
     a, b = train_losses(reference), train_losses(resumed)
     assert sorted(b) == list(range(1, 17))
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
-    assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [8]
+    manifest = json.loads((resumed / "llmtrain.json").read_text())
+    assert manifest["resumed_at_steps"] == [8]
+    assert manifest["parents"]["init"]["path"] == str(finished_run) and manifest["parents"]["init"]["fingerprint"]
 
 
 def test_sft_raises_the_task_accuracy_of_the_sums_it_was_taught(finished_run, tmp_path):

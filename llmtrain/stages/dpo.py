@@ -42,6 +42,8 @@ def run(cfg: DpoConfig) -> Path:
     accelerator, init, run = open_run(cfg, "dpo", parent_stage="sft")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     judge = resolve_judge(cfg.judge, cfg.runs_dir)
+    if judge is not None:
+        run.pin_parent("judge", cfg.judge, judge.path)
 
     # ---- the policy (and LoRA)
     tokenizer = load_tokenizer(init.path, cfg.chat_template)

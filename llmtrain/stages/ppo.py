@@ -77,6 +77,8 @@ def run(cfg: PpoConfig) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
     reward = load_reward(cfg, tokenizer)
+    if reward.path:
+        run.pin_parent("reward_model", cfg.reward_model, reward.path)
 
     # ---- models: the policy and its critic (one module), the frozen reference and reward model; no dropout
     actor_critic, reference = _build_models(cfg, init, tokenizer, reward, accelerator)

@@ -44,6 +44,8 @@ def run(cfg: PretrainConfig) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     source = resolve_model(cfg.preset, cfg.runs_dir)
     run = Run.open(cfg, "pretrain", cfg.preset if source.kind == "preset" else "continued", accelerator)
+    if source.kind != "preset":
+        run.pin_parent("preset", cfg.preset, source.path)
 
     # ---- data: tokenizer, then token shards (built once, by the main process, then cached)
     cache = cache_dir(cfg.cache_dir)
