@@ -7,6 +7,7 @@ Hugging Face checkpoint plus `llmtrain.json`, the manifest that records its line
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -124,7 +125,7 @@ def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSou
     source = resolve_model(spec, runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--init {spec} is a preset with random weights; start from a trained model.")
-    return source
+    return check_on_hub(source, runs_dir, "--init")
 
 
 def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
@@ -138,7 +139,41 @@ def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
     source = resolve_model(spec, runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--judge {spec} is a preset with random weights; give a reward model run.")
-    return source
+    return check_on_hub(source, runs_dir, "--judge")
+
+
+def check_on_hub(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelSource:
+    """A Hub id that is neither in the local Hugging Face cache nor on the Hub is an error at once, naming the runs
+    there are (it is often a mistyped run name), instead of the minute of retries a download spends offline."""
+    if source.kind != "hub":
+        return source
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(source.spec, "config.json"), str):
+        return source
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set and the local Hugging Face cache does not hold it"
+    else:
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi().model_info(source.spec, timeout=10)
+            return source
+        except GatedRepoError:
+            return source  # it exists; loading it says how to get access
+        except RepositoryNotFoundError:
+            why = "the Hub has no public model of that id (a private or gated one needs `hf auth login` or HF_TOKEN)"
+        except Exception as e:  # noqa: BLE001 - any network failure: say what it was
+            why = f"the Hub could not be reached ({e.__class__.__name__}: {e}) and the local cache does not hold it"
+    runs = [Path(m["_dir"]).name for m in list_runs(runs_dir)]
+    close = difflib.get_close_matches(source.spec, runs, n=3, cutoff=0.5)
+    raise LLMTrainError(
+        f"{flag} {source.spec}: there is no run of that name in {runs_dir}"
+        + (f" (did you mean {' or '.join(close)}?)" if close else f" ({len(runs)} runs there; see `llmtrain runs`)")
+        + f", no checkpoint folder of that name, and no model to load from the Hub: {why}. Give a run name, a "
+        "checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct."
+    )
 
 
 def parent_manifest(source: ModelSource) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from llmtrain.data.prompts import question_of
 from llmtrain.errors import LLMTrainError
 from llmtrain.models import load_reward_model, score_conversations, token_scores
-from llmtrain.registry import latest_run, resolve_model
+from llmtrain.registry import check_on_hub, latest_run, resolve_model
 from llmtrain.rl import last_token_index
 from llmtrain.rollout import Rollout
 from llmtrain.tokenizer import load_tokenizer
@@ -80,6 +80,7 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
     source = resolve_model(latest["_dir"] if latest else cfg.reward_model, cfg.runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--reward_model {cfg.reward_model} is a preset with random weights; give a reward model.")
+    check_on_hub(source, cfg.runs_dir, "--reward_model")
     _check_reward_checkpoint(source)
     tokenizer = load_tokenizer(source.path)
     model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation).requires_grad_(False)

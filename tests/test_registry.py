@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmtrain.errors import LLMTrainError
-from llmtrain.registry import PRESETS, format_runs_table, list_runs, preset_config, resolve_model
+from llmtrain.registry import PRESETS, format_runs_table, list_runs, preset_config, resolve_init, resolve_model
 
 
 def n_params(preset: str, vocab: int) -> float:
@@ -55,6 +55,20 @@ def test_model_specs_resolve_to_preset_run_local_or_hub(tmp_path):
         resolve_model(str(tmp_path), runs)
     with pytest.raises(LLMTrainError, match="Could not resolve model 'gpt-tiny'"):
         resolve_model("gpt-tiny", runs)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_init_with_a_mistyped_run_name_fails_at_once_naming_the_run_it_resembles(tmp_path, monkeypatch, offline):
+    from huggingface_hub import constants
+
+    run = tmp_path / "runs" / "sft-gpt-micro-20261130-101500"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "llmtrain.json").write_text(json.dumps({"stage": "sft", "status": "finished"}))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)  # online here: no network, so the Hub is unreachable
+    with pytest.raises(LLMTrainError, match=r"--init sft-gpt-micro-20261130-1015: there is no run.*did you mean "
+                       r"sft-gpt-micro-20261130-101500\?.*no model to load from the Hub"):  # fmt: skip
+        resolve_init("sft-gpt-micro-20261130-1015", tmp_path / "runs", "pretrain")  # not a ~40 s download retry
 
 
 def test_runs_table_shows_lineage_and_headline(tmp_path):
