@@ -56,9 +56,32 @@ def load_policy(init: ModelSource, tokenizer, cfg: Any, accelerator, use_cache: 
     model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
+    check_positions(model, cfg.max_length, "--max_length", cfg.init, accelerator.print)
     if not use_cache:
         model.config.use_cache = False
     return add_lora(model, cfg, "CAUSAL_LM", accelerator) if cfg.lora else model
+
+
+def check_positions(model, length: int, flag: str, spec: str, note=print) -> None:
+    """Sequences of `length` tokens against the positions a checkpoint has: past learned position embeddings
+    (GPT-2's `wpe`, OPT's) an index error would stop training, so refuse; rotary positions exist at any length, but
+    the model never saw those past its `max_position_embeddings`, so say so."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not limit or length <= limit:
+        return
+    learned = any(
+        isinstance(m, nn.Embedding) and ("wpe" in name or "position" in name) for name, m in model.named_modules()
+    )
+    if learned:
+        raise LLMTrainError(
+            f"{flag} {length} is longer than the {limit} positions of model '{spec}' (it learned one embedding per "
+            f"position, {limit} of them): lower {flag} to at most {limit}."
+        )
+    note(
+        f"Note: {flag} {length} is past the {limit} positions model '{spec}' was trained with "
+        "(max_position_embeddings); its rotary positions extend to them, but it has not learned them."
+    )
 
 
 def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str = "auto"):

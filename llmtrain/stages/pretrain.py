@@ -28,7 +28,7 @@ from llmtrain.evaluate import evaluate_lm
 from llmtrain.flops import flops_per_token, non_embedding_params, parameter_count
 from llmtrain.generate import sample
 from llmtrain.loop import Loop, prepare
-from llmtrain.models import load_causal_lm
+from llmtrain.models import check_positions, load_causal_lm
 from llmtrain.registry import ModelSource, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator
@@ -200,7 +200,25 @@ def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
             f"{model.config.vocab_size}: token ids past {model.config.vocab_size - 1} would crash. Use the model's "
             f"own tokenizer (drop --tokenizer) or a tokenizer with at most {model.config.vocab_size} tokens."
         )
+    _check_same_vocabulary(cfg, source, tokenizer)
+    check_positions(model, cfg.seq_len, "--seq_len", cfg.preset)
     return model
+
+
+def _check_same_vocabulary(cfg: PretrainConfig, source: ModelSource, tokenizer) -> None:
+    """A --tokenizer other than the one saved with the checkpoint gives its ids other meanings: every embedding
+    would be read for the wrong token. Refuse it, saying how many tokens differ."""
+    if not cfg.tokenizer or not any((Path(source.path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    own = load_tokenizer(source.path).get_vocab()
+    given = tokenizer.get_vocab()
+    differ = sum(own.get(token) != i for token, i in given.items()) + len(own.keys() - given.keys())
+    if differ:
+        raise LLMTrainError(
+            f"--tokenizer {cfg.tokenizer} is not the tokenizer model '{cfg.preset}' was trained with: {differ:,} of "
+            f"its {len(own):,} tokens are missing or have other ids, so the model's embeddings would be read for the "
+            f"wrong tokens. Drop --tokenizer to continue with the model's own."
+        )
 
 
 def _print_samples(write, model, tokenizer, val_data: TokenWindows, cfg: PretrainConfig, accelerator) -> None:

@@ -21,7 +21,7 @@ from llmtrain.distributed import micro_step, process_share
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
 from llmtrain.losses import bradley_terry_loss
-from llmtrain.models import load_reward_model, save_reward_model
+from llmtrain.models import check_positions, load_reward_model, save_reward_model
 from llmtrain.tokenizer import load_tokenizer
 
 PLOT_CURVES = {
@@ -39,6 +39,7 @@ def run(cfg: RewardConfig) -> Path:
     # ---- model: one score per sequence, read at the answer's last token (its end of turn)
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
     model = load_reward_model(init.path, tokenizer, init.spec, cfg.attn_implementation)
+    check_positions(model, cfg.max_length, "--max_length", cfg.init, accelerator.print)
     pad_id = model.config.pad_token_id  # padding that no answer ends with (see models.reward_pad_id)
     # The tokenizer saved with the run pads the same way, so the pair reads scores where they were trained.
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
