@@ -314,3 +314,15 @@ def test_packed_batch_loss_equals_the_examples_run_one_by_one(tok, sample_chats,
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-5)
     # Far outside the tolerance above (the gap is small only because a random model attends almost uniformly).
     assert abs(leaky_loss - alone_loss) > 10 * (1e-5 * alone_loss + 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["chat", "preferences", "prompts"])
+def test_an_empty_data_file_says_it_holds_no_rows(tmp_path, kind):
+    from llmtrain.data.preferences import load_preference_pairs
+    from llmtrain.data.prompts import load_prompts
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    load = {"chat": load_chat_rows, "preferences": load_preference_pairs, "prompts": load_prompts}[kind]
+    with pytest.raises(LLMTrainError, match=r"empty.jsonl holds no rows: it is empty or only blank lines"):
+        load(str(empty))

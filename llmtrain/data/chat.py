@@ -66,13 +66,16 @@ def local_rows(spec: str) -> Iterator[tuple[Any, str]]:
         raise LLMTrainError(
             f"Cannot read {path}: unknown file type '{path.suffix}'. Chat data must be {', '.join(CHAT_SUFFIXES)}."
         )
+    n = 0
     for f in files:
-        if f.suffix == ".parquet":
-            yield from _parquet_rows(f)
-        elif f.suffix == ".json":
-            yield from _json_rows(f)
-        else:
-            yield from _jsonl_rows(f)
+        reader = _parquet_rows if f.suffix == ".parquet" else _json_rows if f.suffix == ".json" else _jsonl_rows
+        for n, row in enumerate(reader(f), n + 1):
+            yield row
+    if n == 0:
+        raise LLMTrainError(
+            f"{path} holds no rows: {'its files are' if path.is_dir() else 'it is'} empty or only blank lines. "
+            "Give data with at least one row (one JSON object per line in a .jsonl file)."
+        )
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
