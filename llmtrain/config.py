@@ -185,6 +185,13 @@ class FinetuneConfig(RunConfig):
     eval_split: str = field(default="test", metadata={"help": "Hub split for evaluation when there is one."})
     max_rows: int | None = field(default=None, metadata={"help": "Read at most this many training rows."})
     val_fraction: float = field(default=0.05, metadata={"help": "Held out from --data when it has no eval split."})
+    max_bad_rows: float = field(
+        default=0,
+        metadata={
+            "help": "Skip up to this many unusable rows (a share of the rows when below 1), each listed in the "
+            "run's bad_rows.jsonl; 0 stops at the first."
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "Longer examples are truncated, or dropped."})
     num_proc: int | None = field(
         default=None,
@@ -234,6 +241,7 @@ class FinetuneConfig(RunConfig):
         _check_training(self)
         for name in ("max_rows", "max_length", "max_steps", "lora_r", "lora_alpha"):
             _at_least(self, name, 1)
+        _at_least(self, "max_bad_rows", 0, "It is a count of rows, or a share of them below 1; 0 skips none.")
         _between(self, "lora_dropout", 0, 1, high_open=True)
         _positive(self, "epochs", "It counts passes over the training rows (e.g. 0.5 or 2).")
 

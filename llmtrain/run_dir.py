@@ -35,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 FILES = "files"  # in a checkpoint's trainer_state.json: each file of the checkpoint and its size
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
+BAD_ROWS = "bad_rows.jsonl"  # the data rows a run skipped (max_bad_rows): where each one is and why
 OVERWRITE = ".overwrite"  # beside the runs: where a run that replaces another trains until it has finished
 REPLACED = ".replaced"  # where the run it replaces waits during the swap, to be deleted right after
 
@@ -53,6 +54,7 @@ class Run:
     lock: RunLock | None = None  # held by the main process from the opening to the end of the run
     saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
     parents: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> spec, path, fingerprint
+    bad_rows: list[dict[str, str]] = field(default_factory=list)  # data rows skipped under max_bad_rows
 
     @property
     def name(self) -> str:
@@ -107,7 +109,7 @@ class Run:
         must find the same one: a spec such as `latest` that now names another run, or a parent whose files changed
         on disk since the run started, is an error that says what changed."""
         pinned = {"spec": spec, "path": path, "fingerprint": model_fingerprint(path) if path else None}
-        before = _read_if_any(self.path).get("parents", {}).get(role) if self.resume_from is not None else None
+        before = _read_if_any(self.path).get("parent_models", {}).get(role) if self.resume_from is not None else None
         if before and before["path"] != path:
             raise LLMTrainError(
                 f"Run '{self.name}' started from {role} {before['path']} (given as '{before['spec']}'), but "
@@ -134,6 +136,8 @@ class Run:
                 (self.path / METRICS).unlink(missing_ok=True)  # a fresh start in an unfinished folder: no stale curve
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            if self.bad_rows:
+                (self.path / BAD_ROWS).write_text("".join(json.dumps(row) + "\n" for row in self.bad_rows))
         previous = _read_if_any(self.path)
         self.manifest = {
             "name": self.name,
@@ -143,7 +147,8 @@ class Run:
             "updated": timestamp(),
             **fields,
             "engine": self.engine,
-            "parents": self.parents,
+            "parent_models": self.parents,
+            "bad_rows": len(self.bad_rows),
             "config": config,
             "resumed_at_steps": previous.get("resumed_at_steps", []),
             "versions": library_versions(),

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llmtrain.data.chat import (
     IGNORE_INDEX,
+    BadRows,
     Example,
     collate_packed,
     collate_padded,
@@ -22,6 +23,7 @@ from llmtrain.data.chat import (
 from llmtrain.data.corpus import REPO_DATA_DIR
 from llmtrain.errors import LLMTrainError
 from llmtrain.registry import preset_config
+from llmtrain.run_dir import Run
 from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
@@ -142,7 +144,45 @@ def test_an_empty_training_or_held_out_file_says_it_holds_no_rows(tmp_path):
     for data, eval_data in ((empty, full), (full, empty)):
         cfg = SftConfig(data=str(data), eval_data=str(eval_data), runs_dir=str(tmp_path))
         with pytest.raises(LLMTrainError, match="empty.jsonl holds no rows"):
-            train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+            train_and_eval_rows(
+                cfg, Run(tmp_path / "sft", "sft", True), load_chat_rows, "sft_train.jsonl", "sft_val.jsonl"
+            )
+
+
+def rows_with_two_bad_ones(path):
+    good = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    return write_jsonl(path, [*good[:4], {"prompt": "q", "response": " "}, *good[4:], {"prompt": "q"}])
+
+
+def test_max_bad_rows_skips_unusable_rows_as_a_count_or_a_share_and_no_more(tmp_path):
+    data = str(rows_with_two_bad_ones(tmp_path / "data.jsonl"))
+    with pytest.raises(LLMTrainError, match=r"data.jsonl, line 5: response is empty"):
+        load_chat_rows(data)  # strict by default
+    for allowance in (2, 0.2):
+        bad = BadRows(allowance)
+        assert len(load_chat_rows(data, bad_rows=bad)) == 10
+        assert [row["where"] for row in bad.skipped] == [f"{data}, line 5", f"{data}, line 12"]
+        assert "a 'prompt' row needs a 'response'" in bad.skipped[1]["reason"]
+    for allowance in (1, 0.1):
+        with pytest.raises(LLMTrainError, match=rf"2 of the 1[12] rows of .*data.jsonl cannot be used, more than "
+                           rf"--max_bad_rows {allowance} allows. The first: .*line 5"):  # fmt: skip
+            load_chat_rows(data, bad_rows=BadRows(allowance))
+
+
+def test_skipped_rows_are_summarised_and_listed_in_the_run_folder(tmp_path, capsys):
+    from llmtrain.config import SftConfig
+    from llmtrain.data.splits import train_and_eval_rows
+
+    data = rows_with_two_bad_ones(tmp_path / "data.jsonl")
+    cfg = SftConfig(data=str(data), eval_data=str(SAMPLES / "sft_messages.jsonl"), max_bad_rows=2)
+    run = Run(tmp_path / "sft", "sft", True)
+    train, _ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    assert len(train) == 10
+    assert "Skipped 2 rows of" in capsys.readouterr().out
+    run.start({})
+    listed = [json.loads(line) for line in (run.path / "bad_rows.jsonl").read_text().splitlines()]
+    assert [row["where"].rsplit(" ", 1)[-1] for row in listed] == ["5", "12"]
+    assert json.loads((run.path / "llmtrain.json").read_text())["bad_rows"] == 2
 
 
 def test_a_line_that_is_not_json_is_reported_with_file_and_line(tmp_path):
@@ -314,15 +354,3 @@ def test_packed_batch_loss_equals_the_examples_run_one_by_one(tok, sample_chats,
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-5)
     # Far outside the tolerance above (the gap is small only because a random model attends almost uniformly).
     assert abs(leaky_loss - alone_loss) > 10 * (1e-5 * alone_loss + 1e-5)
-
-
-@pytest.mark.parametrize("kind", ["chat", "preferences", "prompts"])
-def test_an_empty_data_file_says_it_holds_no_rows(tmp_path, kind):
-    from llmtrain.data.preferences import load_preference_pairs
-    from llmtrain.data.prompts import load_prompts
-
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n  \n")
-    load = {"chat": load_chat_rows, "preferences": load_preference_pairs, "prompts": load_prompts}[kind]
-    with pytest.raises(LLMTrainError, match=r"empty.jsonl holds no rows: it is empty or only blank lines"):
-        load(str(empty))

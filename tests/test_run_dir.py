@@ -140,7 +140,7 @@ def test_a_resumed_run_refuses_a_parent_that_moved_or_changed_on_disk(tmp_path):
     first, second = a_model(tmp_path / "sft-a", b"a"), a_model(tmp_path / "sft-b", b"b")
     with pytest.raises(RunInterrupted):
         fit_line(tmp_path, stop_at=3, parent=first)
-    assert read_manifest(tmp_path / "fit")["parents"]["init"]["path"] == str(first)
+    assert read_manifest(tmp_path / "fit")["parent_models"]["init"]["path"] == str(first)
 
     with pytest.raises(LLMTrainError, match=r"started from init .*sft-a.*now names .*sft-b.*--init .*sft-a"):
         fit_line(tmp_path, resume=True, parent=second)  # as `--init latest` after a newer run appeared

@@ -21,7 +21,23 @@ def test_sft_lowers_the_held_out_loss_and_records_parent_and_task_accuracy(sft_r
     # 30 steps teach the answer format, not the sums: task accuracy stays 0 (measured), so it is only recorded.
     assert {"task_accuracy", "parent_task_accuracy"} <= set(metrics)
     assert m["data"]["rows"] == 400 and m["data"]["trained_tokens"] > 0
+    held_out = m["data"]["held_out"]
+    assert held_out["fit"] + held_out["dropped_for_length"] == held_out["rows"] > 0 and held_out["answered"] > 0
     assert (sft_run / "curves.png").is_file()
+
+
+def test_a_length_limit_that_drops_many_rows_is_reported_with_the_rows_metrics_rest_on(finished_run, tmp_path, capsys):
+    long_question = "What is the sum of twelve and thirty, written out in words and then in digits?"
+    rows = [{"prompt": f"What is {i} + 1?", "response": f"{i + 1}"} for i in range(7)]
+    rows += [{"prompt": long_question, "response": "42"}] * 3
+    held_out_file = tmp_path / "held_out.jsonl"
+    held_out_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = sft_config(finished_run.parent, eval_data=str(held_out_file), max_length=24, max_steps=2, run_name="short")
+    held_out = json.loads((sft.run(cfg) / "llmtrain.json").read_text())["data"]["held_out"]
+    assert held_out == {"rows": 10, "fit": 7, "dropped_for_length": 3, "answered": 10}
+    out = capsys.readouterr().out
+    assert "Warning: 3 of the 10 held-out rows (30%) are longer than max_length=24 tokens and were dropped; " in out
+    assert "held-out metrics are computed on the 7 that fit. Raise --max_length to keep them." in out
 
 
 def test_the_sft_run_loads_and_stops_at_the_end_of_turn(sft_run):
@@ -103,7 +119,10 @@ def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypa
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
     manifest = json.loads((resumed / "llmtrain.json").read_text())
     assert manifest["resumed_at_steps"] == [8]
-    assert manifest["parents"]["init"]["path"] == str(finished_run) and manifest["parents"]["init"]["fingerprint"]
+    assert (
+        manifest["parent_models"]["init"]["path"] == str(finished_run)
+        and manifest["parent_models"]["init"]["fingerprint"]
+    )
 
 
 def test_sft_raises_the_task_accuracy_of_the_sums_it_was_taught(finished_run, tmp_path):

@@ -42,11 +42,51 @@ ACCEPTED_SHAPES = (
 
 
 def load_chat_rows(
-    spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
+    spec: str,
+    split: str = "train",
+    dataset_config: str | None = None,
+    max_rows: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[list[dict]]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one message list per row."""
     rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
-    return [to_messages(row, where) for row, where in islice(rows, max_rows)]
+    return convert_rows(rows, to_messages, spec, max_rows, bad_rows)
+
+
+@dataclass
+class BadRows:
+    """The rows a load may skip (`max_bad_rows`): a count, or a share of the rows read when below 1; 0 makes the
+    first unusable row an error. Each skipped row is kept with where it is and why."""
+
+    allowance: float = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def check(self, read: int, spec: str) -> None:
+        allowed = self.allowance if self.allowance >= 1 else self.allowance * read
+        if len(self.skipped) > allowed:
+            raise LLMTrainError(
+                f"{len(self.skipped):,} of the {read:,} rows of {spec} cannot be used, more than --max_bad_rows "
+                f"{self.allowance:g} allows. The first: {self.skipped[0]['reason']} Fix the data, or raise "
+                "--max_bad_rows (a count, or a share of the rows below 1) to skip them."
+            )
+
+
+def convert_rows(rows: Iterator[tuple[Any, str]], convert, spec: str, max_rows: int | None, bad: BadRows | None):
+    """`convert(row, where)` for each of the first `max_rows` rows. A row it refuses stops the load, unless `bad`
+    allows skipping it: then it is recorded there, and the load stops only when more are skipped than allowed."""
+    out = []
+    for row, where in islice(rows, max_rows):
+        try:
+            out.append(convert(row, where))
+        except LLMTrainError as e:
+            if bad is None or not bad.allowance:
+                raise
+            bad.skipped.append({"where": where, "reason": str(e)})
+            if bad.allowance >= 1:  # a count: past it, stop at once instead of reading on
+                bad.check(len(out) + len(bad.skipped), spec)
+    if bad is not None:
+        bad.check(len(out) + len(bad.skipped), spec)
+    return out
 
 
 def local_rows(spec: str) -> Iterator[tuple[Any, str]]:
@@ -66,16 +106,13 @@ def local_rows(spec: str) -> Iterator[tuple[Any, str]]:
         raise LLMTrainError(
             f"Cannot read {path}: unknown file type '{path.suffix}'. Chat data must be {', '.join(CHAT_SUFFIXES)}."
         )
-    n = 0
     for f in files:
-        reader = _parquet_rows if f.suffix == ".parquet" else _json_rows if f.suffix == ".json" else _jsonl_rows
-        for n, row in enumerate(reader(f), n + 1):
-            yield row
-    if n == 0:
-        raise LLMTrainError(
-            f"{path} holds no rows: {'its files are' if path.is_dir() else 'it is'} empty or only blank lines. "
-            "Give data with at least one row (one JSON object per line in a .jsonl file)."
-        )
+        if f.suffix == ".parquet":
+            yield from _parquet_rows(f)
+        elif f.suffix == ".json":
+            yield from _json_rows(f)
+        else:
+            yield from _jsonl_rows(f)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:

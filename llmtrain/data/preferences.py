@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,11 @@ import torch
 
 from llmtrain.data.chat import (
     ROLES,
+    BadRows,
     Example,
     check_verified,
     collate_padded,
+    convert_rows,
     hub_rows,
     local_rows,
     tool_turn_error,
@@ -53,11 +54,15 @@ class PreferencePair:
 
 
 def load_preference_pairs(
-    spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
+    spec: str,
+    split: str = "train",
+    dataset_config: str | None = None,
+    max_rows: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[PreferencePair]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one pair per row."""
     rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
-    return [to_pair(row, where) for row, where in islice(rows, max_rows)]
+    return convert_rows(rows, to_pair, spec, max_rows, bad_rows)
 
 
 def to_pair(row: dict, where: str) -> PreferencePair:

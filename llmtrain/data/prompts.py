@@ -8,11 +8,10 @@ works as prompt data too) or an Alpaca record (`{"instruction", "input"}`). Othe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from llmtrain.data.chat import hub_rows, local_rows, message_list
+from llmtrain.data.chat import BadRows, convert_rows, hub_rows, local_rows, message_list
 from llmtrain.data.prepare import SKIPPED, prepare_columns, raise_first_error
 from llmtrain.data.template import chat_format
 from llmtrain.errors import LLMTrainError
@@ -25,11 +24,15 @@ PROMPT_SHAPES = (
 
 
 def load_prompts(
-    spec: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
+    spec: str,
+    split: str = "train",
+    dataset_config: str | None = None,
+    max_rows: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[list[dict]]:
     """Read a local .jsonl/.json/.parquet file, a folder of them, or a Hub data set; one conversation per row."""
     rows = local_rows(spec) if Path(spec).exists() else hub_rows(spec, split, dataset_config, max_rows)
-    return [to_prompt(row, where) for row, where in islice(rows, max_rows)]
+    return convert_rows(rows, to_prompt, spec, max_rows, bad_rows)
 
 
 def to_prompt(row: Any, where: str) -> list[dict]:

@@ -11,27 +11,44 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from llmtrain.data.chat import BadRows
 from llmtrain.data.corpus import default_data_dir
 from llmtrain.errors import LLMTrainError
+from llmtrain.run_dir import BAD_ROWS, Run
 from llmtrain.runtime import cache_dir
 
 Row = TypeVar("Row")
+# Above this share of rows dropped for length, a stage says so (its metrics then describe the short rows only).
+LENGTH_DROP_WARNING = 0.05
 
 
 def train_and_eval_rows(
-    cfg: Any, load: Callable[..., list[Row]], default_train: str, default_eval: str
+    cfg: Any, run: Run, load: Callable[..., list[Row]], default_train: str, default_eval: str
 ) -> tuple[list[Row], list[Row]]:
-    """Load the training rows and the held-out rows; `load(spec, split, dataset_config, max_rows)` reads one source."""
+    """Load the training rows and the held-out rows; `load(spec, split, dataset_config, max_rows, bad_rows)` reads
+    one source. Rows skipped under `max_bad_rows` are summarised here and listed in the run's bad_rows.jsonl."""
     default_dir = default_data_dir(cache_dir(cfg.cache_dir))
     train_spec = str(default_dir / default_train) if cfg.data == "default" else cfg.data
-    rows = _nonempty(load(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows), train_spec)
+    bad_train, bad_eval = BadRows(cfg.max_bad_rows), BadRows(cfg.max_bad_rows)
+    rows = _nonempty(load(train_spec, cfg.dataset_split, cfg.dataset_config, cfg.max_rows, bad_train), train_spec)
     if cfg.eval_data == "default" and cfg.data == "default":
-        return rows, load(str(default_dir / default_eval))
-    if cfg.eval_data not in (None, "default"):
-        return rows, _nonempty(load(cfg.eval_data, cfg.eval_split, cfg.dataset_config), cfg.eval_data)
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    held = set(order[: max(1, round(cfg.val_fraction * len(rows)))].tolist())
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+        held_out = load(str(default_dir / default_eval))
+    elif cfg.eval_data not in (None, "default"):
+        held_out = _nonempty(load(cfg.eval_data, cfg.eval_split, cfg.dataset_config, None, bad_eval), cfg.eval_data)
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(rows))
+        held = set(order[: max(1, round(cfg.val_fraction * len(rows)))].tolist())
+        rows, held_out = [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    for spec, bad in ((train_spec, bad_train), (cfg.eval_data, bad_eval)):
+        if bad.skipped and run.is_main:
+            print(
+                f"Skipped {len(bad.skipped):,} rows of {spec} that cannot be used (--max_bad_rows "
+                f"{cfg.max_bad_rows:g}); the first: {bad.skipped[0]['reason']} Each is listed in "
+                f"{run.path / BAD_ROWS}.",
+                flush=True,
+            )
+    run.bad_rows = bad_train.skipped + bad_eval.skipped
+    return rows, held_out
 
 
 def _nonempty(rows: list[Row], spec: str) -> list[Row]:
@@ -49,9 +66,27 @@ def tokenize_splits(
     with accelerator.main_process_first():
         train = tokenize(tokenizer, train_rows, budget, cfg.data, **prep)
         held_out = tokenize(tokenizer, eval_rows, budget, f"{cfg.eval_data} (held out)", **prep)
+    limit = f"max_length={cfg.max_length}" if budget == cfg.max_length else f"max_length - max_new_tokens = {budget}"
     if not train[0]:
-        limit = (
-            f"max_length={cfg.max_length}" if budget == cfg.max_length else f"max_length - max_new_tokens = {budget}"
-        )
         raise LLMTrainError(f"No row of {cfg.data} fits in {limit} tokens; raise --max_length.")
+    for name, stats in (("training", train[-1]), ("held-out", held_out[-1])):
+        if stats.rows and stats.dropped > LENGTH_DROP_WARNING * stats.rows and accelerator.is_main_process:
+            print(
+                f"Warning: {stats.dropped:,} of the {stats.rows:,} {name} rows ({stats.dropped / stats.rows:.0%}) are "
+                f"longer than {limit} tokens and were dropped"
+                + (
+                    f"; held-out metrics are computed on the {stats.rows - stats.dropped:,} that fit"
+                    if name[0] == "h"
+                    else ""
+                )
+                + ". Raise --max_length to keep them.",
+                flush=True,
+            )
     return train, held_out
+
+
+def held_out_counts(stats: Any, answered: int | None = None) -> dict[str, int]:
+    """How many held-out rows the metrics were computed on, for the manifest: rows read, those that fit the length
+    limit (the held-out losses and preference metrics), those dropped for length, and prompts answered."""
+    counts = {"rows": stats.rows, "fit": stats.rows - stats.dropped, "dropped_for_length": stats.dropped}
+    return counts | ({"answered": answered} if answered is not None else {})

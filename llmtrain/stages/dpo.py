@@ -20,7 +20,7 @@ import torch
 from llmtrain.config import DpoConfig
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, sequence_logprobs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step, prepare_frozen, process_share
 from llmtrain.evaluate import evaluate_answers, resolve_checker, win_rate
 from llmtrain.loop import Loop, open_run, prepare
@@ -50,8 +50,10 @@ def run(cfg: DpoConfig) -> Path:
     model = load_policy(init, tokenizer, cfg, accelerator)
 
     # ---- the pairs
-    train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
-    (train, stats), (held_out, _) = tokenize_splits(
+    train_pairs, eval_pairs = train_and_eval_rows(
+        cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl"
+    )
+    (train, stats), (held_out, held_stats) = tokenize_splits(
         tokenize_pairs, tokenizer, train_pairs, eval_pairs, cfg.max_length, cfg, accelerator
     )
     global_batch = cfg.batch_size * world
@@ -101,7 +103,12 @@ def run(cfg: DpoConfig) -> Path:
             "reference": "adapter-disabled base" if cfg.lora else "precomputed" if cfg.precompute_ref else "copy",
             "judge": judge.spec if judge else None,
         },
-        data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "eval_pairs": len(held_out)},
+        data={
+            "train": cfg.data,
+            "eval": cfg.eval_data,
+            **vars(stats),
+            "held_out": held_out_counts(held_stats, len(eval_prompts)),
+        },
         reference_pass_s=round(reference_pass_s, 2),
         parent_metrics=parent,
     )

@@ -34,7 +34,7 @@ from torch import nn
 from llmtrain.config import PpoConfig
 from llmtrain.data.prompts import load_prompts, question_of, tokenize_prompts
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step, prepare_frozen, root_gathered, sum_across
 from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_answers, resolve_checker
@@ -85,9 +85,9 @@ def run(cfg: PpoConfig) -> Path:
     critic_kind = actor_critic.critic_kind
 
     # ---- prompts
-    train_rows, eval_rows = train_and_eval_rows(cfg, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
+    train_rows, eval_rows = train_and_eval_rows(cfg, run, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
     prompt_budget = cfg.max_length - cfg.max_new_tokens
-    (prompt_ids, prompts, stats), (_, eval_kept, _) = tokenize_splits(
+    (prompt_ids, prompts, stats), (_, eval_kept, eval_stats) = tokenize_splits(
         tokenize_prompts, tokenizer, train_rows, eval_rows, prompt_budget, cfg, accelerator
     )
     eval_prompts = eval_kept[: cfg.task_eval_rows]
@@ -130,7 +130,13 @@ def run(cfg: PpoConfig) -> Path:
             "advantage": cfg.advantage,
             "reward": {"kind": "function" if reward.fn else "model", "spec": reward.spec, "tokens": reward.same_tokens},
         },
-        data={"train": cfg.data, "eval": cfg.eval_data, "prompts": len(prompt_ids), "dropped_too_long": stats.dropped},
+        data={
+            "train": cfg.data,
+            "eval": cfg.eval_data,
+            "prompts": len(prompt_ids),
+            "dropped_too_long": stats.dropped,
+            "held_out": held_out_counts(eval_stats, len(eval_prompts)),
+        },
         parent_metrics=parent,
     )
 

@@ -16,7 +16,7 @@ import torch
 from llmtrain.config import RewardConfig
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step, process_share
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
@@ -47,8 +47,10 @@ def run(cfg: RewardConfig) -> Path:
         model = add_lora(model, cfg, "SEQ_CLS", accelerator)  # SEQ_CLS keeps the new score head trainable
 
     # ---- data
-    train_pairs, eval_pairs = train_and_eval_rows(cfg, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
-    (train, stats), (held_out, _) = tokenize_splits(
+    train_pairs, eval_pairs = train_and_eval_rows(
+        cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl"
+    )
+    (train, stats), (held_out, held_stats) = tokenize_splits(
         tokenize_pairs, tokenizer, train_pairs, eval_pairs, cfg.max_length, cfg, accelerator
     )
     global_batch = cfg.batch_size * world
@@ -61,7 +63,7 @@ def run(cfg: RewardConfig) -> Path:
         f"{stats.dropped} dropped), {total_steps} steps",
         init=init,
         model={"architecture": type(raw_model).__name__},
-        data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "eval_pairs": len(held_out)},
+        data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "held_out": held_out_counts(held_stats)},
     )
 
     # ---- the loop

@@ -23,7 +23,7 @@ from llmtrain.data.chat import (
     tokenize_dataset,
 )
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
 from llmtrain.distributed import micro_step
 from llmtrain.evaluate import chat_eval_loss, evaluate_answers, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
@@ -47,8 +47,8 @@ def run(cfg: SftConfig) -> Path:
     model = load_policy(init, tokenizer, cfg, accelerator)
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
-    train_rows, eval_rows = train_and_eval_rows(cfg, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
-    (train_examples, train_stats), (eval_examples, _) = tokenize_splits(
+    train_rows, eval_rows = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    (train_examples, train_stats), (eval_examples, eval_stats) = tokenize_splits(
         tokenize_dataset, tokenizer, train_rows, eval_rows, cfg.max_length, cfg, accelerator
     )
     items = pack_examples(train_examples, cfg.max_length) if cfg.packing else train_examples
@@ -85,7 +85,7 @@ def run(cfg: SftConfig) -> Path:
             "eval": cfg.eval_data,
             "packing": cfg.packing,
             **vars(train_stats),
-            "eval_rows": len(eval_rows),
+            "held_out": held_out_counts(eval_stats, len(eval_prompts)),
             "train_items": len(items),
         },
         parent_metrics=parent_metrics,
