@@ -67,6 +67,16 @@ def test_only_several_processes_on_a_large_local_corpus_or_a_hub_data_set_are_re
     )
 
 
+def test_a_launch_that_finds_no_shards_asks_before_it_tokenizes(tmp_path, small_corpus, monkeypatch):
+    # As if the corpus were large and two processes ran: the stage stops with the command, having tokenized nothing.
+    as_if_large = lambda cfg, corpus, world: check_inline_preparation(cfg, corpus, world + 1, max_bytes=0)  # noqa: E731
+    monkeypatch.setattr(pretrain, "check_inline_preparation", as_if_large)
+    cfg = tiny_config(tmp_path / "runs", small_corpus, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LLMTrainError, match="llmtrain prepare --data"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "cache" / "tokens").exists() and not (tmp_path / "cache" / "tokenizers").exists()
+
+
 def test_a_file_gets_a_new_fingerprint_when_its_size_or_time_changes_and_is_not_read(tmp_path, monkeypatch):
     path = tmp_path / "c.txt"
     path.write_text("one\n\ntwo\n")
