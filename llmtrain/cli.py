@@ -1,4 +1,5 @@
-"""`llmtrain <command>`: run a stage; list, sample from, chat with, evaluate or push runs; train a tokenizer."""
+"""`llmtrain <command>`: run a stage; list, sample from, chat with, evaluate or push runs; train a tokenizer;
+prepare a pretraining corpus before a launch."""
 
 from __future__ import annotations
 
@@ -100,6 +101,30 @@ def _stopped_outside_the_steps(e: KeyboardInterrupt) -> int:
         file=sys.stderr,
     )
     return 128 + signum
+
+
+def run_prepare(argv: list[str]) -> int:
+    """`llmtrain prepare`: tokenize a pretraining corpus into the cached shards that `pretrain` with the same options
+    reads, once, before a launch, in parallel over this machine's cores (--num_proc). Takes pretrain's options."""
+    import time
+
+    from llmtrain.config import PretrainConfig, parse_config
+    from llmtrain.data.corpus import prepare_pretrain_data
+    from llmtrain.registry import resolve_model
+    from llmtrain.runtime import cache_dir
+
+    try:
+        cfg = parse_config(PretrainConfig, argv)
+        start = time.perf_counter()
+        data = prepare_pretrain_data(cfg, resolve_model(cfg.preset, cfg.runs_dir), cache_dir(cfg.cache_dir))
+    except LLMTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    done = f"prepared in {time.perf_counter() - start:.1f} s" if data.prepared_now else "already prepared"
+    print(f"Token shards of {cfg.data} ({done}): {data.shards.path}")
+    print(f"  {data.shards.stats.describe()}; tokenizer of {len(data.tokenizer)} tokens")
+    print("  A pretrain launch with the same data and tokenizer options reads them without tokenizing again.")
+    return 0
 
 
 def _runs_dir(value: str | None) -> str:
@@ -220,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(stage, help=f"run the {stage} stage (same flags as recipes/{stage}.py)", add_help=False)
 
     sub.add_parser("pipeline", help="tokenizer -> pretrain -> sft in order (see recipes/pipeline.py)", add_help=False)
+    sub.add_parser(
+        "prepare",
+        help="tokenize a pretraining corpus into cached shards before a launch (same flags as pretrain)",
+        add_help=False,
+    )
 
     p = sub.add_parser("runs", help="list the runs in the registry")
     p.add_argument("--runs_dir", default=None)
@@ -297,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(argv[0], argv[1:])
     if argv and argv[0] == "pipeline":
         return run_pipeline(argv[1:])
+    if argv and argv[0] == "prepare":
+        return run_prepare(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -6,6 +6,11 @@ It is read with `datasets`, cleaned (empty documents dropped, exact duplicates r
 train/validation by document, tokenized once with `map(batched=True, num_proc=...)`, and written as
 flat token files (uint16 when the vocabulary fits) with an EOS after every document. The result is
 cached under a key made of the data's fingerprint, the tokenizer's and the cleaning options.
+
+`llmtrain prepare` (`prepare_pretrain_data`) does this once before a launch, for exactly the key a `pretrain`
+with the same options looks up (`find_pretrain_data`). A launch of several processes prepares only a small
+corpus itself; for a large one it stops at once with that command (`check_inline_preparation`), because its
+other processes would wait in a barrier, past the process group's timeout, while the main one tokenizes.
 """
 
 from __future__ import annotations
@@ -13,21 +18,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmtrain.errors import LLMTrainError
-from llmtrain.tokenizer import plain_backend
+from llmtrain.tokenizer import load_tokenizer, plain_backend, save_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from llmtrain.config import PretrainConfig
+    from llmtrain.registry import ModelSource
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 _VAL_BUCKETS = 1_000_000
 _HASH_MASK = (1 << 63) - 1  # doc hashes fit a signed int64 Arrow column
+# A launch of several processes prepares a local corpus up to this size itself (the embedded one is 1.25 MB);
+# a larger one, or any Hub data set, is prepared beforehand with `llmtrain prepare`.
+INLINE_PREPARE_MAX_BYTES = 64 * 2**20
+# Documents cleaned and tokenized per step of a preparation: the work an interruption can lose.
+CHUNK_DOCUMENTS = 1_000_000
 
 
 @dataclass
@@ -44,6 +60,14 @@ class CorpusStats:
     train_bytes: int = 0
     val_bytes: int = 0
 
+    def describe(self) -> str:
+        """One line for the run's summary and `llmtrain prepare`."""
+        return (
+            f"{self.documents_read} documents read, {self.empty_dropped} empty and {self.duplicates_dropped} "
+            f"duplicates dropped; train {self.train_tokens:,} tokens ({self.train_documents} docs), "
+            f"val {self.val_tokens:,} tokens ({self.val_documents} docs)"
+        )
+
 
 @dataclass
 class CorpusSource:
@@ -56,6 +80,11 @@ class CorpusSource:
     @property
     def is_hub(self) -> bool:
         return self.hub_id is not None
+
+    @property
+    def local_bytes(self) -> int:
+        """The size of the local files on disk (0 for the Hub)."""
+        return sum(f.stat().st_size for files in self.files.values() for f in files)
 
 
 def default_data_dir(cache_dir: Path) -> Path:
@@ -101,16 +130,19 @@ def _loader_for(path: Path) -> str:
 
 
 def fingerprint_corpus(source: CorpusSource, **options: Any) -> str:
-    """A hash of the data's content (local files) or identity (Hub), plus the reading options."""
+    """A hash of the local files' names, sizes and modification times (or the Hub id), plus the reading options.
+
+    Hashing every byte would cost each process of each launch a full read of the corpus (3 s a GB). Writing a file
+    in any way (an edit, a new download, a copy without its times) sets its mtime, so a changed file gets a new
+    fingerprint; only a tool that puts the old time back on changed content of the same size would go unseen. A file
+    merely touched is prepared again: time lost, never stale shards."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
     if source.is_hub:
         h.update(f"hub:{source.hub_id}".encode())
     for files in source.files.values():
         for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            stat = f.stat()
+            h.update(f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -281,13 +313,12 @@ def build_token_shards(
     num_proc: int | None = None,
 ) -> TokenShards:
     """Clean, split and tokenize `ds` once; later calls with the same inputs reuse the cached shards."""
-    backend = plain_backend(tokenizer)
-    tok_fp = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
-    key = hashlib.sha256(f"{data_fingerprint}|{tok_fp}|{dedup}|{val_fraction}".encode()).hexdigest()[:20]
+    key = shards_key(tokenizer, data_fingerprint, dedup, val_fraction)
+    cached = cached_token_shards(cache_root, key)
+    if cached is not None:
+        return cached
     out = cache_root / key
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        return TokenShards(out, meta["dtype"], CorpusStats(**meta["stats"]), key)
+    backend = plain_backend(tokenizer)
 
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "uint32"
@@ -317,33 +348,99 @@ def build_token_shards(
             "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
         }
 
-    map_kwargs = {} if streaming else {"num_proc": _num_proc(num_proc, len(ds)), "desc": "tokenizing"}
-    tokenized = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=_CLEAN_COLUMNS, **map_kwargs)
+    if streaming:
+        tokenized = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=_CLEAN_COLUMNS)
+    else:
+        tokenized = _map_in_chunks(ds, tokenize, num_proc, remove_columns=_CLEAN_COLUMNS, desc="tokenizing")
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    # Written into a folder of its own, renamed to `out` only when complete: a preparation that dies half way
+    # never leaves shards that a later run would take for finished ones.
+    _remove_dead_partials(out)
+    tmp = out.with_name(f"{out.name}{_partial_suffix()}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
-        for batch in tokenized.iter(batch_size=1000):
-            for ids, h, n_bytes in zip(batch["ids"], batch["hash"], batch["n_bytes"]):
-                split = "val" if is_val(h) else "train"
-                (fval if split == "val" else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
-                setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)
-                setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids))
-                setattr(stats, f"{split}_bytes", getattr(stats, f"{split}_bytes") + n_bytes)
-    if stats.train_documents + stats.val_documents == 0:
-        shutil.rmtree(tmp)
-        raise LLMTrainError(
-            f"The corpus is empty: {stats.documents_read} documents read, all of them empty"
-            f"{' or duplicates' if stats.duplicates_dropped else ''}. Give --data a corpus with text in it."
-        )
-    meta = {"dtype": dtype, "stats": asdict(stats), "tokenizer": tok_fp, "data": data_fingerprint}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+            for batch in tokenized.iter(batch_size=1000):
+                for ids, h, n_bytes in zip(batch["ids"], batch["hash"], batch["n_bytes"]):
+                    split = "val" if is_val(h) else "train"
+                    (fval if split == "val" else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
+                    setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)
+                    setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids))
+                    setattr(stats, f"{split}_bytes", getattr(stats, f"{split}_bytes") + n_bytes)
+        if stats.train_documents + stats.val_documents == 0:
+            raise LLMTrainError(
+                f"The corpus is empty: {stats.documents_read} documents read, all of them empty"
+                f"{' or duplicates' if stats.duplicates_dropped else ''}. Give --data a corpus with text in it."
+            )
+        meta = {"dtype": dtype, "stats": asdict(stats), "tokenizer": _tokenizer_fingerprint(backend)}
+        (tmp / "meta.json").write_text(json.dumps(meta | {"data": data_fingerprint}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():  # another process finished first; keep its copy
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, out)
     return TokenShards(out, dtype, stats, key)
+
+
+def shards_key(tokenizer, data_fingerprint: str, dedup: bool, val_fraction: float) -> str:
+    """The cache key of a corpus's token shards: its fingerprint, the tokenizer's and the cleaning options."""
+    tok_fp = _tokenizer_fingerprint(plain_backend(tokenizer))
+    return hashlib.sha256(f"{data_fingerprint}|{tok_fp}|{dedup}|{val_fraction}".encode()).hexdigest()[:20]
+
+
+def cached_token_shards(cache_root: Path, key: str) -> TokenShards | None:
+    """The finished shards cached under `key`, or None (a folder only becomes `key` once complete)."""
+    meta_file = cache_root / key / "meta.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return TokenShards(meta_file.parent, meta["dtype"], CorpusStats(**meta["stats"]), key)
+
+
+def _tokenizer_fingerprint(backend) -> str:
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+
+def _partial_suffix() -> str:
+    """Names a folder being written on this machine: `.tmp-HOST-` then the writer's process id."""
+    return f".tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Delete the partial folders of `out` that a killed preparation on this machine left (their writer is gone),
+    which can be as large as the shards; those of live processes and of other machines stay."""
+    prefix = out.name + _partial_suffix()
+    for partial in out.parent.iterdir() if out.parent.is_dir() else []:
+        pid = partial.name[len(prefix) :]
+        if partial.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
+def _map_in_chunks(ds, fn, num_proc: int | None, **kwargs: Any):
+    """`ds.map(fn, batched=True)` over CHUNK_DOCUMENTS documents at a time, each in `num_proc` processes. `datasets`
+    caches each finished chunk, so a preparation that is stopped starts again at the chunk it was in; one map over
+    the whole corpus would split it among the processes, which all finish at the end, and lose everything."""
+    import datasets
+
+    chunks = [
+        ds.select(range(start, min(start + CHUNK_DOCUMENTS, len(ds)))) if len(ds) > CHUNK_DOCUMENTS else ds
+        for start in range(0, max(len(ds), 1), CHUNK_DOCUMENTS)
+    ]
+    done = [c.map(fn, batched=True, batch_size=1000, num_proc=_num_proc(num_proc, len(c)), **kwargs) for c in chunks]
+    return done[0] if len(done) == 1 else datasets.concatenate_datasets(done)
 
 
 def _num_proc(requested: int | None, n_docs: int) -> int | None:
@@ -361,7 +458,7 @@ def _clean(ds, stats: CorpusStats, dedup: bool, num_proc: int | None = None):
 
     if hasattr(ds, "__len__"):
         stats.documents_read = len(ds)
-        ds = ds.map(add_hash, batched=True, batch_size=1000, num_proc=_num_proc(num_proc, len(ds)))
+        ds = _map_in_chunks(ds, add_hash, num_proc)
         hashes = np.asarray(ds["hash"], dtype=np.int64)
         keep = np.asarray(ds["n_chars"]) > 0
         stats.empty_dropped = int((~keep).sum())
@@ -392,6 +489,129 @@ def _clean(ds, stats: CorpusStats, dedup: bool, num_proc: int | None = None):
 
 # Columns _clean adds that tokenizing drops.
 _CLEAN_COLUMNS = ["text", "n_chars"]
+
+
+# ---------------------------------------------------------------- the data of a pretraining config
+
+
+@dataclass
+class PretrainData:
+    """What a pretraining config reads: the corpus and its fingerprint, and once prepared its tokenizer and shards."""
+
+    corpus: CorpusSource
+    fingerprint: str
+    tokenizer: Any = None
+    shards: TokenShards | None = None
+    prepared_now: bool = False  # tokenized by this call, not found in the cache
+
+
+def find_pretrain_data(cfg: PretrainConfig, model: ModelSource, cache: Path) -> PretrainData:
+    """The corpus of `cfg`, with its tokenizer and token shards when `llmtrain prepare` or an earlier run made
+    them. Reads no document: cheap enough for every process of every launch."""
+    corpus = resolve_corpus(cfg.data, cache)
+    data = PretrainData(corpus, fingerprint_corpus(corpus, **_read_options(cfg)))
+    data.tokenizer = pretrain_tokenizer(cfg, model, data.fingerprint, cache)
+    if data.tokenizer is not None:
+        key = shards_key(data.tokenizer, data.fingerprint, cfg.dedup, cfg.val_fraction)
+        data.shards = cached_token_shards(cache / "tokens", key)
+    return data
+
+
+def prepare_pretrain_data(cfg: PretrainConfig, model: ModelSource, cache: Path) -> PretrainData:
+    """Read, clean and tokenize the corpus of `cfg` into cached shards (training its tokenizer first when it needs
+    one), in `cfg.num_proc` processes; what is already prepared is returned as found."""
+    data = find_pretrain_data(cfg, model, cache)
+    if data.shards is None:
+        docs = load_documents(data.corpus, streaming=cfg.streaming, **_read_options(cfg))
+        if data.tokenizer is None:
+            data.tokenizer = pretrain_tokenizer(cfg, model, data.fingerprint, cache, docs)
+        data.shards = build_token_shards(
+            docs, data.tokenizer, cache / "tokens", data.fingerprint, cfg.dedup, cfg.val_fraction, cfg.num_proc
+        )
+        data.prepared_now = True
+    return data
+
+
+def pretrain_tokenizer(cfg: PretrainConfig, model: ModelSource, data_fp: str, cache: Path, docs=None):
+    """--tokenizer if given; else the tokenizer of the model we continue from; else the one trained on this data,
+    cached (trained now on `docs`; None if it is not cached and no `docs` are given)."""
+    if cfg.tokenizer:
+        from llmtrain.registry import resolve_model
+
+        tok_source = resolve_model(cfg.tokenizer, cfg.runs_dir) if not Path(cfg.tokenizer).is_dir() else None
+        return load_tokenizer(tok_source.path if tok_source and tok_source.path else cfg.tokenizer)
+    if model.kind != "preset":
+        return load_tokenizer(model.path)
+    out = cache / "tokenizers" / f"{data_fp}-v{cfg.vocab_size}-c{cfg.tokenizer_train_chars}"
+    if (out / "tokenizer.json").is_file():
+        return load_tokenizer(out)
+    if docs is None:
+        return None
+    tokenizer = train_tokenizer(
+        documents_for_tokenizer(docs, cfg.tokenizer_train_chars), cfg.vocab_size, model_max_length=cfg.seq_len
+    )
+    if len(tokenizer) <= 256 + 7:
+        raise LLMTrainError(f"The corpus {cfg.data} has no text to train a tokenizer on; it is empty.")
+    save_tokenizer(tokenizer, out)
+    return tokenizer
+
+
+def check_inline_preparation(
+    cfg: PretrainConfig, corpus: CorpusSource, world: int, max_bytes: int = INLINE_PREPARE_MAX_BYTES
+) -> None:
+    """Refuse, before any process waits on another, to prepare a large corpus (or a Hub data set) inside a launch
+    of several processes: the others would wait in a barrier while the main one tokenizes, and a launch whose wait
+    outlasts the process group's timeout dies. One process, or a small local corpus, is prepared inline."""
+    if world <= 1 or (not corpus.is_hub and corpus.local_bytes <= max_bytes):
+        return
+    what = f"the Hub data set {corpus.hub_id}" if corpus.is_hub else f"{cfg.data} ({corpus.local_bytes / 1e6:,.0f} MB)"
+    raise LLMTrainError(
+        f"{what} has no prepared token shards, and preparing it here would keep the other {world - 1} processes "
+        f"waiting, possibly past the process group's timeout. Prepare it once before the launch, in parallel over "
+        f"the machine's cores (resumable, and cached where this launch will look): `{prepare_command(cfg)}` "
+        f"(on every machine if they do not share the cache folder), then launch again with the same options."
+    )
+
+
+# The options of a pretraining config that decide which shards it reads (and the tokenizer it trains).
+_PREPARE_OPTIONS = (
+    "data",
+    "text_field",
+    "dataset_config",
+    "dataset_split",
+    "streaming",
+    "max_documents",
+    "dedup",
+    "val_fraction",
+    "tokenizer",
+    "vocab_size",
+    "tokenizer_train_chars",
+    "seq_len",
+    "preset",
+    "runs_dir",
+    "cache_dir",
+)
+
+
+def prepare_command(cfg: PretrainConfig) -> str:
+    """The `llmtrain prepare` command line that makes the shards `cfg` reads: --data, and each option that
+    decides them where it differs from its default."""
+    default = type(cfg)()
+    args = ["llmtrain", "prepare"]
+    for name in _PREPARE_OPTIONS:
+        value = getattr(cfg, name)
+        if name == "data" or value != getattr(default, name):
+            args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(args)
+
+
+def _read_options(cfg: PretrainConfig) -> dict[str, Any]:
+    return dict(
+        text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        split=cfg.dataset_split,
+        max_documents=cfg.max_documents,
+    )
 
 
 def decode_documents(tokens: Iterable[int], tokenizer) -> list[str]:

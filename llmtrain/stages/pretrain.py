@@ -14,13 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.config import PretrainConfig
-from llmtrain.data.corpus import (
-    build_token_shards,
-    documents_for_tokenizer,
-    fingerprint_corpus,
-    load_documents,
-    resolve_corpus,
-)
+from llmtrain.data.corpus import check_inline_preparation, find_pretrain_data, prepare_pretrain_data
 from llmtrain.data.windows import TokenWindows
 from llmtrain.distributed import micro_step
 from llmtrain.errors import LLMTrainError
@@ -32,7 +26,7 @@ from llmtrain.models import check_positions, load_causal_lm
 from llmtrain.registry import ModelSource, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator
-from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
+from llmtrain.tokenizer import save_tokenizer, token_byte_lengths
 
 PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"], "learning rate": ["lr"]}
 
@@ -47,22 +41,15 @@ def run(cfg: PretrainConfig) -> Path:
     if source.kind != "preset":
         run.pin_parent("preset", cfg.preset, source.path)
 
-    # ---- data: tokenizer, then token shards (built once, by the main process, then cached)
+    # ---- data: tokenizer and token shards, made by `llmtrain prepare` or, for a small corpus, here (main process
+    # first, then the others find them in the cache)
     cache = cache_dir(cfg.cache_dir)
-    corpus = resolve_corpus(cfg.data, cache)
-    read_opts = dict(
-        text_field=cfg.text_field,
-        dataset_config=cfg.dataset_config,
-        split=cfg.dataset_split,
-        max_documents=cfg.max_documents,
-    )
-    data_fp = fingerprint_corpus(corpus, **read_opts)
-    with accelerator.main_process_first():
-        docs = load_documents(corpus, streaming=cfg.streaming, **read_opts)
-        tokenizer = _get_tokenizer(cfg, source, docs, data_fp, cache)
-        shards = build_token_shards(
-            docs, tokenizer, cache / "tokens", data_fp, cfg.dedup, cfg.val_fraction, cfg.num_proc
-        )
+    data = find_pretrain_data(cfg, source, cache)
+    if data.shards is None:
+        check_inline_preparation(cfg, data.corpus, world)  # a large corpus stops here, before any process waits
+        with accelerator.main_process_first():
+            data = prepare_pretrain_data(cfg, source, cache)
+    tokenizer, shards = data.tokenizer, data.shards
     train_data = TokenWindows(shards.tokens("train"), cfg.seq_len, "train")
     val_data = TokenWindows(shards.tokens("val"), cfg.seq_len, "val")
     token_bytes = torch.tensor(token_byte_lengths(tokenizer), device=device)
@@ -87,7 +74,7 @@ def run(cfg: PretrainConfig) -> Path:
         non_embedding_params(raw_model), config.num_hidden_layers, config.hidden_size, cfg.seq_len
     )
     loop.start(
-        _summary(cfg, n_params, shards.stats, tokens_per_step, world, device, accelerator.mixed_precision),
+        _summary(cfg, n_params, data, tokens_per_step, world, device, accelerator.mixed_precision),
         preset=cfg.preset if source.kind == "preset" else None,
         parent=source.run_name or (source.path if source.kind != "preset" else None),
         model={
@@ -96,7 +83,7 @@ def run(cfg: PretrainConfig) -> Path:
             "parameters": n_params,
             "architecture": type(raw_model).__name__,
         },
-        data={"spec": cfg.data, "fingerprint": data_fp, "shards": str(shards.path), **vars(shards.stats)},
+        data={"spec": cfg.data, "fingerprint": data.fingerprint, "shards": str(shards.path), **vars(shards.stats)},
     )
 
     # ---- the loop
@@ -159,25 +146,6 @@ def run(cfg: PretrainConfig) -> Path:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _get_tokenizer(cfg: PretrainConfig, source: ModelSource, docs, data_fp: str, cache: Path):
-    """--tokenizer if given; else the tokenizer of the model we continue from; else train one on the data."""
-    if cfg.tokenizer:
-        tok_source = resolve_model(cfg.tokenizer, cfg.runs_dir) if not Path(cfg.tokenizer).is_dir() else None
-        return load_tokenizer(tok_source.path if tok_source and tok_source.path else cfg.tokenizer)
-    if source.kind != "preset":
-        return load_tokenizer(source.path)
-    out = cache / "tokenizers" / f"{data_fp}-v{cfg.vocab_size}-c{cfg.tokenizer_train_chars}"
-    if (out / "tokenizer.json").is_file():
-        return load_tokenizer(out)
-    tokenizer = train_tokenizer(
-        documents_for_tokenizer(docs, cfg.tokenizer_train_chars), cfg.vocab_size, model_max_length=cfg.seq_len
-    )
-    if len(tokenizer) <= 256 + 7:
-        raise LLMTrainError(f"The corpus {cfg.data} has no text to train a tokenizer on; it is empty.")
-    save_tokenizer(tokenizer, out)
-    return tokenizer
 
 
 def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
@@ -243,13 +211,12 @@ def _sample_prompts(val_data: TokenWindows, tokenizer, n: int, prompt_tokens: in
     return [p for p in prompts if p.strip()] or [tokenizer.decode(tokens[:prompt_tokens])]
 
 
-def _summary(cfg, n_params, stats, tokens_per_step, world, device, precision) -> str:
+def _summary(cfg, n_params, data, tokens_per_step, world, device, precision) -> str:
     return (
         f"{cfg.preset}, {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
         f"precision {precision}\n"
-        f"data: {stats.documents_read} documents read, {stats.empty_dropped} empty and {stats.duplicates_dropped} "
-        f"duplicates dropped; train {stats.train_tokens:,} tokens ({stats.train_documents} docs), "
-        f"val {stats.val_tokens:,} tokens ({stats.val_documents} docs)\n"
+        f"data: {data.shards.stats.describe()}\n"
+        f"token shards {'prepared now' if data.prepared_now else 'found prepared'}: {data.shards.path}\n"
         f"{tokens_per_step:,} tokens per step (batch {cfg.batch_size} x seq {cfg.seq_len} x accum {cfg.grad_accum} "
         f"x {world} processes)"
     )
