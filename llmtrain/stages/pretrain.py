@@ -26,7 +26,7 @@ from llmtrain.models import check_positions, load_causal_lm
 from llmtrain.registry import ModelSource, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator
-from llmtrain.tokenizer import save_tokenizer, token_byte_lengths
+from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths
 
 PLOT_CURVES = {"loss": ["train_loss", "val_loss"], "bits per byte": ["val_bpb"], "learning rate": ["lr"]}
 
