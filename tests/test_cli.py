@@ -42,7 +42,7 @@ def test_user_errors_print_one_message_and_no_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: Unknown config key 'max_step'") and "Traceback" not in err
     assert main(["generate", "no-such-run", "--runs_dir", str(tmp_path)]) == 2
-    assert "Could not load model 'no-such-run'. It is not a preset" in capsys.readouterr().err
+    assert "model no-such-run: there is no run of that name" in capsys.readouterr().err
 
 
 @pytest.mark.slow
