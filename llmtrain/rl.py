@@ -38,8 +38,9 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = _identity) -> torch.Tensor:
     """Mean of `x` over the positions where `mask` is 1 (over every process with `all_reduce`)."""
+    x = fp32(x)
     sums = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
-    return (sums[0] / sums[1].clamp(min=1)).to(fp32(x).dtype)
+    return (sums[0] / sums[1].clamp(min=1)).to(x.dtype)
 
 
 def masked_mean_var(
