@@ -37,7 +37,8 @@ def micro_step(accelerator, model, last: bool):
 
 
 def prepare_frozen(model, accelerator):
-    """A model that is only evaluated (a reference, a reward model), placed for this run. Under DeepSpeed
+    """A model that is only evaluated (a reference, a reward model), placed for this run and run in its mixed
+    precision (its outputs stay in that precision: callers take log-probs and scores in fp32). Under DeepSpeed
     ZeRO-3 it was loaded partitioned and can only run inside an engine of its own (sharded like the policy);
     other engines keep a whole copy on each process."""
     model.requires_grad_(False)
@@ -45,6 +46,12 @@ def prepare_frozen(model, accelerator):
         from trl.models.utils import prepare_deepspeed
 
         return prepare_deepspeed(model, accelerator)
+    if accelerator.native_amp:
+        from accelerate.utils import get_mixed_precision_context_manager
+
+        # In the run's precision, as Accelerate runs the models it prepares: a reference scored in fp32 against a
+        # policy in bf16 would differ from it before the first step (DPO's log-ratio was then not zero).
+        model.forward = get_mixed_precision_context_manager(True, accelerator.autocast_handler)(model.forward)
     return model.to(accelerator.device).eval()
 
 

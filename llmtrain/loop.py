@@ -114,8 +114,9 @@ class Loop:
         return self.accelerator.num_processes
 
     def start(self, summary: str, init: ModelSource | None = None, **manifest: Any) -> None:
-        """Write the manifest (status 'running'), start the trackers, print the run's summary line. A stage that
-        starts from a trained model (`init`) records it as the parent, with the parameters it trains."""
+        """Write the manifest (status 'running', the mixed precision the run computes in), start the trackers, print
+        the run's summary line. A stage that starts from a trained model (`init`) records it as the parent, with the
+        parameters it trains."""
         if init is not None:
             model = {"source": init.kind, "spec": init.spec, "lora": self.cfg.lora}
             model["trainable_parameters"] = parameter_count(self.model, trainable_only=True)
@@ -125,7 +126,9 @@ class Loop:
                 **manifest,
                 "model": model | manifest.get("model", {}),
             }
-        self.run.start(config_to_dict(self.cfg), **manifest, world_size=self.world)
+        # The config keeps what was asked ('auto'); the manifest, what it resolved to (DeepSpeed's own, under it).
+        precision = self.accelerator.mixed_precision
+        self.run.start(config_to_dict(self.cfg), **manifest, world_size=self.world, mixed_precision=precision)
         if self.cfg.tracker:
             # A tracker that writes files (TensorBoard) writes into <logging dir>/<run name>: the run's own folder,
             # which for a replacement is .overwrite/NAME, never the run it replaces.

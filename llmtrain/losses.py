@@ -1,6 +1,7 @@
 """Preference losses, written once and tested against hand-computed values before any loop uses them.
 
-Log-probabilities are summed over the response tokens of each sequence (per example, shape [B]).
+Log-probabilities are summed over the response tokens of each sequence (per example, shape [B]). The losses
+compute in fp32 whatever the autocast: a bf16 input (a score straight from a model) is widened first.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def dpo_loss(
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
-    chosen_ratio = policy_chosen - ref_chosen
-    rejected_ratio = policy_rejected - ref_rejected
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
     h = chosen_ratio - rejected_ratio
     if loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
@@ -61,4 +62,4 @@ def bradley_terry_loss(
     chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
     """Reward-model loss: -log sigmoid(r(y_w) - r(y_l) - margin), averaged over the batch."""
-    return -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float() - margin).mean()

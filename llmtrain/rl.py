@@ -8,6 +8,9 @@ whitened; the policy and value losses are clipped.
 
 Statistics that must cover the whole global batch (whitening) take `all_reduce`, a function that sums
 a tensor over processes (identity in one process), so N processes whiten exactly as one process would.
+
+Everything here computes in fp32 (or wider) whatever the autocast: half-precision inputs (bf16 model outputs)
+are widened first, and log-probabilities are taken from the logits in fp32.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 when it is in a half precision (bf16, fp16); fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ---------------------------------------------------------------- masked statistics
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = _identity) -> torch.Tensor:
     """Mean of `x` over the positions where `mask` is 1 (over every process with `all_reduce`)."""
+    x = fp32(x)
     sums = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
     return (sums[0] / sums[1].clamp(min=1)).to(x.dtype)
 
@@ -56,7 +65,7 @@ def masked_whiten(
     whitened = (x.double() - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return (whitened * mask).to(x.dtype)
+    return (whitened * mask).to(fp32(x).dtype)
 
 
 # ---------------------------------------------------------------- rewards
@@ -75,7 +84,7 @@ def kl_penalty_rewards(
     Returns (rewards, kl) with kl the per-token k1 estimate log pi - log ref, zero on padding; its sum
     over a response estimates KL(pi || ref) of that response, and is positive on average.
     """
-    kl = (logprobs - ref_logprobs) * mask
+    kl = (fp32(logprobs) - fp32(ref_logprobs)) * mask
     rewards = -kl_coef * kl
     rows = torch.arange(len(scores), device=scores.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
@@ -90,7 +99,7 @@ def gae(
     delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}; the state after the last
     real token is terminal (V = 0), and padding contributes nothing.
     """
-    rewards, values = rewards * mask, values * mask
+    rewards, values = fp32(rewards) * mask, fp32(values) * mask
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
@@ -111,7 +120,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True) 
     centred = groups - groups.mean(-1, keepdim=True)
     if scale:
         centred = centred / (groups.std(-1, keepdim=True) + 1e-4)
-    return centred.view(-1).to(scores.dtype)
+    return centred.view(-1).to(fp32(scores).dtype)
 
 
 # ---------------------------------------------------------------- losses
@@ -137,6 +146,7 @@ def policy_loss(
     The loss is the masked sum divided by `normaliser` (default: this batch's token count; the stage passes
     the global minibatch's count so every token weighs the same however the batch is split).
     """
+    logprobs, old_logprobs, advantages = fp32(logprobs), fp32(old_logprobs), fp32(advantages)
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -160,6 +170,7 @@ def value_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, +-eps);
     returns (loss, clip fraction)."""
+    values, old_values, returns = fp32(values), fp32(old_values), fp32(returns)
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
@@ -175,14 +186,15 @@ def value_loss(
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `tokens`: the log-probability the sampler gave each token."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits / temperature) at `tokens`, in fp32: the log-probability the sampler gave each token."""
+    logits = fp32(logits) / temperature if temperature != 1.0 else fp32(logits)
+    # The picked logit minus the logsumexp: no second vocabulary-sized tensor, as log_softmax would allocate.
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position."""
-    logits = logits.float() / temperature
+    logits = fp32(logits) / temperature
     return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
 
 

@@ -79,8 +79,10 @@ def make_accelerator(cfg: Any):
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_group = launched_world > 1 and not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    mixed_precision = resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto"))
+    _forget_other_precision(mixed_precision)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto")),
+        mixed_precision=mixed_precision,
         log_with=cfg.tracker,
         project_dir=cfg.runs_dir,
         # Without a GPU, Accelerate only forms a (gloo) process group when told to use the CPU; otherwise
@@ -107,6 +109,20 @@ def make_accelerator(cfg: Any):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one state per process and refuses an Accelerator of another precision ("restart your
+    runtime"), but stages run one after another in one process (the pipeline, a notebook) may each ask for their
+    own: the state of an earlier stage's precision is dropped (the process group, kept apart, stays)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", mixed_precision) != mixed_precision and (
+        state.get("distributed_type") != DistributedType.DEEPSPEED
+    ):
+        AcceleratorState._reset_state()
 
 
 def cache_dir(configured: str | None = None) -> Path:

@@ -121,6 +121,16 @@ def tiny_dpo_config(runs_dir: Path, **overrides):
     return DpoConfig(**{**values, **overrides})
 
 
+def tiny_ppo_config(runs_dir: Path, **overrides):
+    """A PPO config that tunes `sft-tiny` against the toy reward function for two steps in a few seconds."""
+    from llmtrain.config import PpoConfig
+
+    values = dict(runs_dir=str(runs_dir), init="sft-tiny", reward_fn="helpers:short_answer_reward", max_steps=2)
+    values |= dict(batch_size=16, lr=3e-4, value_lr=1e-3, max_length=64, max_new_tokens=12, num_mini_batches=1)
+    values |= dict(task_eval_rows=16, num_samples=1, sample_every=0, save_every=0)
+    return PpoConfig(**{**values, **overrides})
+
+
 # Eight sums a tiny model can be taught by heart in a few seconds: a measurable gain where held-out rows show none.
 TAUGHT_SUMS = [(12, 30), (23, 45), (31, 27), (40, 16), (52, 13), (61, 24), (70, 18), (14, 33)]
 

@@ -40,7 +40,15 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.evaluate import evaluate_answers, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
-from llmtrain.models import disable_dropout, load_causal_lm, load_policy, load_reward_model, save_policy, token_scores
+from llmtrain.models import (
+    ScoreHead,
+    disable_dropout,
+    load_causal_lm,
+    load_policy,
+    load_reward_model,
+    save_policy,
+    token_scores,
+)
 from llmtrain.optim import param_groups
 from llmtrain.rewards import RewardSource, load_reward
 from llmtrain.rl import (
@@ -97,7 +105,8 @@ def run(cfg: PpoConfig) -> Path:
 
     def evaluate(show: int = 0) -> dict[str, float]:
         """Greedy answers to the held-out prompts: task accuracy and mean reward."""
-        with root_gathered(raw):
+        # The policy is called outside its actor-critic, whose forward alone Accelerate runs in mixed precision.
+        with root_gathered(raw), accelerator.autocast():
             return evaluate_answers(
                 raw.policy, tokenizer, eval_prompts, cfg.max_new_tokens, accelerator, checker, reward, show
             )[0]
@@ -145,9 +154,9 @@ def run(cfg: PpoConfig) -> Path:
     with loop.training():
         for _ in loop.steps():
             t0 = time.perf_counter()
-            # 1. rollouts
+            # 1. rollouts, sampled in the run's precision (see evaluate)
             idx = batch_indices(len(prompt_ids), global_batch, cfg.seed, loop.step)[rank::world]
-            with root_gathered(raw):
+            with root_gathered(raw), accelerator.autocast():
                 rollout = generate_rollout(raw.policy, tokenizer, prompt_ids, prompts, idx, cfg, loop.step, rank, world)
             t_generated = time.perf_counter()
 
@@ -271,7 +280,7 @@ def _build_models(cfg: PpoConfig, init, tokenizer, reward: RewardSource, acceler
     kind = _critic_kind(cfg, reward)
     critic = None
     if kind == "head":
-        critic = nn.Linear(policy.config.hidden_size, 1)
+        critic = ScoreHead(policy.config.hidden_size, 1)  # values in fp32 whatever the autocast
         nn.init.zeros_(critic.weight)
         nn.init.zeros_(critic.bias)
     elif kind is not None:
