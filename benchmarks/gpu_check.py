@@ -43,7 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's llmtrain: on the GPU machine it is not installed
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
 
 # Every package the check needs, module -> distribution: the GPU image's own, then those it lacks (gpu_check.md
 # lists their wheels), leaves before the packages that need them so that a missing leaf is named first.
@@ -52,7 +52,7 @@ IMAGE |= {"yaml": "pyyaml", "jinja2": "jinja2", "tqdm": "tqdm", "huggingface_hub
 BROUGHT = {m: m for m in ("dill", "multiprocess", "xxhash", "six", "pyarrow")}
 BROUGHT |= {"dateutil": "python-dateutil", "pandas": "pandas", "datasets": "datasets"}
 BROUGHT |= {m: m for m in ("cycler", "pyparsing", "kiwisolver", "contourpy")}
-BROUGHT |= {"fontTools": "fonttools", "PIL": "pillow", "matplotlib": "matplotlib"}
+BROUGHT |= {"fontTools": "fonttools", "PIL": "pillow", "matplotlib.pyplot": "matplotlib"}  # pyplot: what runs use
 
 
 def missing_packages() -> dict[str, str]:
@@ -163,7 +163,7 @@ TINY = Sizes(
     corpus_docs=1000,  # tokenizer and token shards in a second instead of several
     stages={
         "sft": dict(packing=True, max_length=128, batch_size=8, lr=3e-3, max_steps=30, max_rows=400, task_eval_rows=8),
-        "reward": dict(max_length=64, batch_size=16, lr=3e-3, max_steps=40, max_rows=400),
+        "reward": dict(max_length=64, batch_size=32, lr=3e-3, max_steps=40, max_rows=400),
         "dpo": dict(
             max_length=64, batch_size=16, lr=5e-3, nll_weight=0.0, max_steps=20, max_rows=320, task_eval_rows=8
         ),
@@ -430,9 +430,10 @@ def header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import accelerate
     import datasets
     import peft
+    import pyarrow
     import transformers
 
-    versions = {m.__name__: m.__version__ for m in (torch, transformers, accelerate, peft, datasets)}
+    versions = {m.__name__: m.__version__ for m in (torch, transformers, accelerate, peft, datasets, pyarrow)}
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
