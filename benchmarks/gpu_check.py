@@ -570,7 +570,9 @@ def run_parts(args: argparse.Namespace, sz: Sizes, work: Path, device: torch.dev
             missing = [n for n in NEEDS.get(name, []) if status.get(n, {}).get("status") != "ok"]
             if missing:
                 status[name] = {"status": "skipped", "reason": f"needs a finished {', '.join(missing)} run"}
-            elif left <= max(needed, 0):
+            elif left <= 0:
+                status[name] = {"status": "skipped", "reason": "the budget is spent"}
+            elif left < needed:
                 status[name] = {
                     "status": "skipped",
                     "reason": f"{left:.0f} s of the budget left, {needed:.0f} s needed",
