@@ -110,6 +110,13 @@ NEEDS = {"sft": ["pretrain"], "reward": ["sft"], "dpo": ["sft", "reward"], "ppo"
 LOSS = {"pretrain": "train_loss", "sft": "train_loss", "reward": "train_loss", "dpo": "train_loss", "ppo": "value_loss"}
 EXTRA = {"reward": ["train_accuracy"], "dpo": ["margin", "nll"], "ppo": ["reward_mean", "kl", "rollout_tokens_per_s"]}
 BF16_ULP = 2**-8  # the relative spacing of bfloat16 numbers near 1: the resume check's tolerance in bf16
+# Each stage's config class and the runs it starts from (and the defaults the check changes).
+STAGE_CONFIGS = {
+    "sft": (SftConfig, dict(init="pretrain", warmup_steps=5, num_samples=0)),
+    "reward": (RewardConfig, dict(init="sft", warmup_steps=5)),
+    "dpo": (DpoConfig, dict(init="sft", judge="reward", warmup_steps=5, num_samples=0)),
+    "ppo": (PpoConfig, dict(init="sft", reward_model="reward", num_samples=0)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +137,6 @@ class Sizes:
     estimate_s: dict[str, float]  # a part starts only if the budget has this much left
 
 
-POLICY = dict(eval_every=0, save_every=0, log_every=1, num_samples=0, warmup_steps=5)
 GPU = Sizes(
     preset="gpt-small",
     seq_len=1024,
@@ -279,19 +285,24 @@ def corpus(sz: Sizes, work: Path) -> str:
     return str(path)
 
 
-def throughput(sz: Sizes, work: Path, device: torch.device, compiled: bool) -> dict[str, Any]:
-    """bench_pretrain's library loop (A) and bare loop (B), one run each, eager or compiled."""
-    args = argparse.Namespace(
+def bench_args(sz: Sizes, device: torch.device, batch_size: int, compiled: bool = False) -> argparse.Namespace:
+    """The arguments bench_pretrain's config and loops read."""
+    return argparse.Namespace(
         device=device.type,
         threads=torch.get_num_threads(),
         verbose=True,  # the library's output goes to the log
         warmup=sz.warmup,
         steps=sz.steps,
-        batch_size=sz.batch_size,
+        batch_size=batch_size,
         seq_len=sz.seq_len,
         compile=compiled,
         seed=SEED,
     )
+
+
+def throughput(sz: Sizes, work: Path, device: torch.device, compiled: bool) -> dict[str, Any]:
+    """bench_pretrain's library loop (A) and bare loop (B), one run each, eager or compiled."""
+    args = bench_args(sz, device, sz.batch_size, compiled)
     name = "pretrain-compiled" if compiled else "pretrain"
     cfg = pretrain_config(args, sz, work, sz.warmup + sz.steps, run_name=name)
     fresh_start(device)
@@ -342,16 +353,20 @@ def throughput(sz: Sizes, work: Path, device: torch.device, compiled: bool) -> d
 
 
 def stage_config(stage: str, sz: Sizes, work: Path):
-    """The stage's config: tiny or gpt-small fields on the embedded task, starting from the runs before it."""
-    runs = dict(runs_dir=str(work / "runs"), cache_dir=str(work / "cache"), run_name=stage, seed=SEED)
-    fields = {**runs, **sz.stages[stage]}
-    if stage == "sft":
-        return SftConfig(init="pretrain", **POLICY, **fields)
-    if stage == "reward":
-        return RewardConfig(init="sft", eval_every=0, save_every=0, log_every=1, warmup_steps=5, **fields)
-    if stage == "dpo":
-        return DpoConfig(init="sft", judge="reward", **POLICY, **fields)
-    return PpoConfig(init="sft", reward_model="reward", save_every=0, log_every=1, num_samples=0, **fields)
+    """The stage's config on the embedded task, from the runs before it: no evaluation, samples or checkpoints
+    inside the steps, every step logged."""
+    kind, links = STAGE_CONFIGS[stage]
+    return kind(
+        runs_dir=str(work / "runs"),
+        cache_dir=str(work / "cache"),
+        run_name=stage,
+        seed=SEED,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        **links,
+        **sz.stages[stage],
+    )
 
 
 def train_stage(stage: str, sz: Sizes, work: Path, device: torch.device) -> dict[str, Any]:
@@ -388,10 +403,7 @@ def sigterm_after(metrics: Path, steps: int):
 
 def resume(sz: Sizes, work: Path, device: torch.device) -> dict[str, Any]:
     """The loss curve of a run stopped by SIGTERM and resumed against the same run uninterrupted."""
-    args = argparse.Namespace(
-        device=device.type, warmup=1, steps=sz.resume_steps - 1, batch_size=sz.resume_batch_size, seq_len=sz.seq_len,
-        compile=False, seed=SEED,
-    )  # fmt: skip
+    args = bench_args(sz, device, sz.resume_batch_size)
     cfg = pretrain_config(args, sz, work, sz.resume_steps, log_every=1, run_name="uninterrupted")
     fresh_start(device)
     t0 = time.perf_counter()
