@@ -99,6 +99,22 @@ def nanogpt_checkpoint(tokenizer_dir: Path, out: Path, seq_len: int, seed: int) 
     return out
 
 
+def prefetched_batches(run_dir: Path, seq_len: int, batch_size: int, seed: int, steps: int, device) -> list:
+    """The batches the library draws at steps 0..steps-1, from the token shards that `run_dir` trained on."""
+    shards = Path(json.loads((run_dir / "llmtrain.json").read_text())["data"]["shards"])
+    dtype = json.loads((shards / "meta.json").read_text())["dtype"]
+    windows = TokenWindows(np.memmap(shards / "train.bin", dtype=dtype, mode="r"), seq_len)
+    return [windows.random_batch(seed, s, 0, batch_size, device) for s in range(steps)]
+
+
+def fresh_model(preset: str, tokenizer, seq_len: int, seed: int) -> torch.nn.Module:
+    """The preset with the library's fresh initialisation: the same seed, the vocabulary padded to a multiple of 64."""
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(seed)
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    return AutoModelForCausalLM.from_config(preset_config(preset, vocab, seq_len, special))
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -180,18 +196,12 @@ def main() -> None:
                 warm = run(make_config(args, tmp, spec, 2))
         cfg = make_config(args, tmp, spec, args.warmup + args.steps)
         tokenizer = load_tokenizer(warm)
-        shards = Path(json.loads((warm / "llmtrain.json").read_text())["data"]["shards"])
-        dtype = json.loads((shards / "meta.json").read_text())["dtype"]
-        windows = TokenWindows(np.memmap(shards / "train.bin", dtype=dtype, mode="r"), args.seq_len)
-        batches = [windows.random_batch(args.seed, s, 0, args.batch_size, device) for s in range(cfg.max_steps)]
+        batches = prefetched_batches(warm, args.seq_len, args.batch_size, args.seed, cfg.max_steps, device)
 
         def make_model() -> torch.nn.Module:
             if args.nanogpt:
                 return AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa")
-            special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            torch.manual_seed(args.seed)  # the same fresh init as the library's
-            vocab = 64 * math.ceil(len(tokenizer) / 64)
-            return AutoModelForCausalLM.from_config(preset_config(args.preset, vocab, args.seq_len, special))
+            return fresh_model(args.preset, tokenizer, args.seq_len, args.seed)
 
         runs: dict[str, list[dict[str, float]]] = {"library_loop": [], "bare_loop": []}
         for _ in range(args.repeats):  # A/B/A/B
