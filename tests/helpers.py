@@ -149,7 +149,7 @@ def fit_line(
 ):
     """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
     layer: SIGTERM to itself during step `stop_at`, NaN gradients during the steps in `nan_grads_at`, a NaN loss
-    logged at step `nan_loss_at`. Returns the run and the model."""
+    reported at step `nan_loss_at`. Returns the run and the model."""
     import signal
 
     import torch
@@ -178,8 +178,10 @@ def fit_line(
             loop.optimizer_step()
             if loop.step + 1 == stop_at:  # as if a scheduler stopped the job during this step
                 os.kill(os.getpid(), signal.SIGTERM)
-            (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(x))
-            loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
+            poison = float("nan") if loop.step + 1 == nan_loss_at else 1.0
+            totals = loop.reduce(loss.detach()[None] * poison, tokens=len(x))
+            if totals is not None:
+                loop.log({"train_loss": totals[0]})
             loop.checkpoint()
     torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
     loop.finish({}, {"loss": ["train_loss"]}, "fitted")

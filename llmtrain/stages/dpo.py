@@ -122,13 +122,13 @@ def run(cfg: DpoConfig) -> Path:
                     accelerator.backward(loss / cfg.grad_accum)
                 sums += stats
             loop.optimizer_step()
-            *totals, pairs = loop.reduce(sums, tokens)
-            means = dict(zip(("train_loss", "chosen_reward", "rejected_reward", "accuracy", "nll"), totals))
-            means = {k: v / pairs for k, v in means.items()}
-            loop.log(
-                {"train_loss": means.pop("train_loss"), "margin": means["chosen_reward"] - means["rejected_reward"]}
-                | means
-            )
+            totals = loop.reduce(sums, tokens)
+            if totals is not None:
+                *totals, pairs = totals
+                means = dict(zip(("train_loss", "chosen_reward", "rejected_reward", "accuracy", "nll"), totals))
+                means = {k: v / pairs for k, v in means.items()}
+                margin = means["chosen_reward"] - means["rejected_reward"]
+                loop.log({"train_loss": means.pop("train_loss"), "margin": margin} | means)
             if loop.due(cfg.eval_every):
                 loop.log_eval(_preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator))
             loop.checkpoint()

@@ -83,8 +83,10 @@ def run(cfg: RewardConfig) -> Path:
                     [loss.detach() * n, (chosen > rejected).sum().float(), torch.tensor(n, device=device)]
                 )
             loop.optimizer_step()
-            loss_sum, correct, pairs = loop.reduce(sums, tokens)
-            loop.log({"train_loss": loss_sum / pairs, "train_accuracy": correct / pairs})
+            totals = loop.reduce(sums, tokens)
+            if totals is not None:
+                loss_sum, correct, pairs = totals
+                loop.log({"train_loss": loss_sum / pairs, "train_accuracy": correct / pairs})
             if loop.due(cfg.eval_every):
                 loop.log_eval(evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)[0])
             loop.checkpoint()

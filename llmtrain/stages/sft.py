@@ -115,8 +115,9 @@ def run(cfg: SftConfig) -> Path:
                 loss_sum += summed.detach()
             loop.optimizer_step()
             real_tokens = sum(len(item.input_ids) for chunk in chunks for item in chunk)  # no padding
-            (train_loss,) = loop.reduce((loss_sum / n_global)[None], tokens=real_tokens)  # summed over processes
-            loop.log({"train_loss": train_loss})
+            totals = loop.reduce((loss_sum / n_global)[None], tokens=real_tokens)  # summed over processes
+            if totals is not None:
+                loop.log({"train_loss": totals[0]})
             if loop.due(cfg.eval_every):
                 loop.log_eval(evaluate(answers=False))
             loop.checkpoint()
