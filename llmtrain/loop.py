@@ -21,7 +21,9 @@ No step waits for the device but a sync step: every `log_every` steps, each chec
 with a time budget the steps where it might run out. There the stage's sums, its tokens, the signal flag and the
 count of non-finite gradients are summed over all processes and read; so a NaN stops the run, and a SIGTERM saves a
 checkpoint, at the next sync step (at most `log_every` steps later), always before anything is saved. Each logged
-line holds the averages over the steps since the line before; `log_every` 1 syncs and logs every step.
+line holds the averages of the stage's sums over the steps since the line before (a value passed to `log` as it
+is, like the gradient norm, is the step's own); `log_every` 1 syncs and logs every step, and so does PPO, whose
+rollouts are read on the host anyway. `skip_nonfinite_steps` reads the gradient norm at every step.
 
 Batches stay a pure function of (seed, step), so resume, accumulation and extra processes give the same curve.
 """
@@ -90,7 +92,7 @@ class Loop:
     train_time: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # saved with each checkpoint, restored on resume
     stop_reason: str = "max_steps"
-    last: dict[str, float] = field(default_factory=dict)  # the last logged step's metrics
+    last: dict[str, float] = field(default_factory=dict)  # the last sync step's metrics
     flops_per_token: float = 0.0  # set by a stage that knows its model's FLOPs: the log then has MFU
     peak_flops: float | None = None  # of this device, when known
     sync_every_step: bool = False  # set by a stage that reads its results on the host every step anyway (PPO)
