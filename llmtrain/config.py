@@ -29,6 +29,10 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "conservative")
 VALUE_MODELS = ("auto", "reward", "policy", "head")
 ADVANTAGES = ("gae", "group")
+LOG_EVERY_HELP = (
+    "Steps between logged lines, each the average of its steps. The loop reads the device only then and at "
+    "checkpoints: a NaN stops the run, and SIGTERM saves, up to this many steps later."
+)
 
 
 class ConfigValueError(LLMTrainError):
@@ -147,7 +151,7 @@ class PretrainConfig(RunConfig):
     # evaluation, samples, checkpoints
     eval_every: int = 250
     eval_batches: int = 20
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": LOG_EVERY_HELP})
     sample_every: int = 0
     num_samples: int = 3
     sample_tokens: int = 48
@@ -232,7 +236,7 @@ class FinetuneConfig(RunConfig):
     max_steps: int | None = None
     max_time_s: float | None = None
     eval_every: int = 100
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": LOG_EVERY_HELP})
     save_every: int = 200
     keep_checkpoints: int = 2
 

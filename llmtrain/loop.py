@@ -10,12 +10,21 @@ A stage reads like this (the step in the middle is the stage's, everything else 
         for lr in loop.steps():                            # stops at max_steps or max_time_s; sets the lr
             ... batch, forward, loss, backward ...
             loop.optimizer_step()                          # clip, step, zero (NaN/inf gradients are counted)
-            totals = loop.reduce(sums, tokens)             # ONE collective: the stage's sums, tokens, signal, NaN
-            loop.log({"train_loss": ...})                  # NaN stop, timing fields, metrics.jsonl, progress
+            totals = loop.reduce(sums, tokens)             # added up on the device; None but on sync steps
+            if totals is not None:                         # ONE collective and host read: sums, signal, NaN
+                loop.log({"train_loss": ...})              # NaN stop, timing fields, metrics.jsonl
             if loop.due(cfg.eval_every): loop.log_eval(evaluate(...))
             loop.checkpoint()                              # every save_every steps, and on a signal
         ... final evaluation, save ...                     # the last step is checkpointed: a signal here resumes
         loop.finish(final_metrics, PLOT_CURVES, "message") # manifest, plot, checkpoints removed
+
+No step waits for the device but a sync step: every `log_every` steps, each checkpoint step, the last step, and
+with a time budget the steps where it might run out. There the stage's sums, its tokens, the signal flag and the
+count of non-finite gradients are summed over all processes and read; so a NaN stops the run, and a SIGTERM saves a
+checkpoint, at the next sync step (at most `log_every` steps later), always before anything is saved. Each logged
+line holds the averages of the stage's sums over the steps since the line before (a value passed to `log` as it
+is, like the gradient norm, is the step's own); `log_every` 1 syncs and logs every step, and so does PPO, whose
+rollouts are read on the host anyway. `skip_nonfinite_steps` reads the gradient norm at every step.
 
 Batches stay a pure function of (seed, step), so resume, accumulation and extra processes give the same curve.
 """
@@ -85,16 +94,24 @@ class Loop:
     train_time: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # saved with each checkpoint, restored on resume
     stop_reason: str = "max_steps"
-    last: dict[str, float] = field(default_factory=dict)  # the last logged step's metrics
+    last: dict[str, float] = field(default_factory=dict)  # the last sync step's metrics
     flops_per_token: float = 0.0  # set by a stage that knows its model's FLOPs: the log then has MFU
     peak_flops: float | None = None  # of this device, when known
+    sync_every_step: bool = False  # set by a stage that reads its results on the host every step anyway (PPO)
     _t0: float = 0.0
     _signal: list[int] = field(default_factory=lambda: [0])
     _signalled: bool = False
     _stopped: bool = False
     _steps_saved: bool = False  # the steps are over and checkpointed: a signal then stops the run at once
     _progress: Any = None
-    _nonfinite: torch.Tensor | None = None  # this step's count of optimizer steps with non-finite gradients
+    # Added up on the device between sync steps: the stage's sums and tokens since the last logged line, and the
+    # optimizer steps with non-finite gradients since the last sync.
+    _sums: torch.Tensor | None = None
+    _tokens: float | torch.Tensor = 0.0
+    _nonfinite: float | torch.Tensor = 0.0
+    _synced: tuple[int, float] = (0, 0.0)  # the last sync step, and the main process's training time then
+    _time_check_at: int = 0  # with a time budget: the next step that syncs to see whether it is spent
+    _checked: str = ""  # the steps a sync step checked, for messages: "at step 5" or "in steps 3-4"
     _window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("steps", "time", "tokens", "data"), 0.0))
 
     @classmethod
@@ -106,6 +123,7 @@ class Loop:
             loop.step, loop.train_time = state.pop("step"), state.pop("train_time_s")
             loop.state = state
             run.truncate_metrics(loop.step)
+            loop._synced = (loop.step, loop.train_time)
             loop._print(f"Resuming {run.name} from step {loop.step} ({run.resume_from.name}).")
         return loop
 
@@ -141,10 +159,10 @@ class Loop:
     @contextmanager
     def training(self):
         """Around the steps and the end of the run (final evaluation, save, `finish`). During the steps SIGTERM and
-        SIGINT only set a flag, which the step's reduction shares, so that every process checkpoints after the same
-        step. Once the steps are over and saved (`steps` checkpoints the last one), a signal stops the run at once:
-        the final evaluation and save are redone on resume. A crash marks the run failed; an interruption leaves it
-        resumable; either way the run's lock is released. Also a progress bar."""
+        SIGINT only set a flag, which the next sync step's reduction shares, so that every process checkpoints after
+        the same step. Once the steps are over and saved (`steps` checkpoints the last one), a signal stops the run
+        at once: the final evaluation and save are redone on resume. A crash marks the run failed; an interruption
+        leaves it resumable; either way the run's lock is released. Also a progress bar."""
         from tqdm.auto import tqdm
 
         received = self._signal = [0]
@@ -189,14 +207,13 @@ class Loop:
 
     def steps(self) -> Iterator[float]:
         """Each step's learning rate, set on every param group (scaled from its `base_lr`), until the step
-        budget or the time budget (`max_time_s`) is spent."""
+        budget or the time budget (`max_time_s`, by the main process's clock at sync steps) is spent."""
         cfg = self.cfg
         while self.step < self.total_steps and not self._stopped:
-            if cfg.max_time_s and self.train_time >= cfg.max_time_s:
+            if self._time_spent():
                 self.stop_reason = "max_time_s"
                 break
             self._t0 = time.perf_counter()
-            self._nonfinite = torch.zeros((), device=self.accelerator.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(
                     self.step,
@@ -229,8 +246,8 @@ class Loop:
     def optimizer_step(self, *parameter_sets) -> torch.Tensor | None:
         """Clip the gradient norm (of each set given, else of the whole model; `grad_clip` 0 only measures it),
         step and zero the gradients; returns the (first set's) norm before clipping. Gradients that are not finite
-        stop the run at the step's reduction, before anything of the step is saved; with `skip_nonfinite_steps`
-        N, up to N such steps are skipped instead (counted; it reads the norm on the host at every step)."""
+        stop the run at the next sync step, before anything is saved; with `skip_nonfinite_steps` N, up to N such
+        steps are skipped instead (counted; it reads the norm on the host at every step)."""
         sets = parameter_sets or (self.model.parameters(),)
         clip = self.cfg.grad_clip or math.inf
         norms = [_plain(self.accelerator.clip_grad_norm_(params, clip), self.accelerator.device) for params in sets]
@@ -241,7 +258,9 @@ class Loop:
                 skipped = self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
                 if skipped > self.cfg.skip_nonfinite_steps:
                     raise LLMTrainError(
-                        self._nonfinite_message(f"({skipped} such steps, more than --skip_nonfinite_steps allows)")
+                        self._nonfinite_message(
+                            f"at step {self.step + 1} ({skipped} such steps, more than --skip_nonfinite_steps allows)"
+                        )
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 self.write(f"step {self.step + 1}: gradients not finite, step skipped ({skipped} so far)")
@@ -253,31 +272,79 @@ class Loop:
 
     def _nonfinite_message(self, when: str) -> str:
         return (
-            f"The gradients were not finite (NaN or inf) at step {self.step} {when}; the run stopped and nothing of "
-            f"this step was saved. The last good checkpoint is kept in {self.run.path}. "
+            f"The gradients were not finite (NaN or inf) {when}; the run stopped and nothing of those steps was "
+            f"saved. The last good checkpoint is kept in {self.run.path}. "
             + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
             + " To skip a few such steps instead, pass --skip_nonfinite_steps N."
         )
 
-    def reduce(self, sums: torch.Tensor | None = None, tokens: float | torch.Tensor = 0.0) -> list[float]:
-        """End of a step: the stage's summed statistics, the tokens it trained on and "was any process
-        signalled" summed over all processes in one collective; returns the stage's sums."""
+    def reduce(self, sums: torch.Tensor | None = None, tokens: float | torch.Tensor = 0.0) -> list[float] | None:
+        """End of a step: add the stage's summed statistics and the tokens it trained on to those since the last
+        logged line, on the device. On a sync step (`_sync_due`) sum them over all processes in one collective, with
+        the signal flag, the count of non-finite gradients and the main process's clock, read them, and return the
+        stage's sums averaged over the steps since the last logged line; on other steps return None."""
         self.step += 1
+        self._window["steps"] += 1
+        self._progress.update(1)
+        if sums is not None:
+            self._sums = sums.clone() if self._sums is None else self._sums + sums
+        self._tokens = self._tokens + tokens
+        if not self._sync_due():
+            self._add_step_time()
+            return None
         device = self.accelerator.device
-        sums = torch.zeros(0, device=device) if sums is None else sums
-        extra = [torch.as_tensor(tokens, device=device), torch.tensor(float(self._signal[0]), device=device)]
-        flags = torch.cat([sums, torch.stack([t.to(sums.dtype) for t in [*extra, self._nonfinite]])])
+        totals = torch.zeros(0, device=device) if self._sums is None else self._sums
+        clock = self.train_time + time.perf_counter() - self._t0 if self.accelerator.is_main_process else 0.0
+        extra = (self._tokens, self._nonfinite, float(self._signal[0]), clock)
+        flags = torch.cat([totals, torch.stack([torch.as_tensor(v, dtype=totals.dtype, device=device) for v in extra])])
         flags = self.accelerator.reduce(flags, reduction="sum") if self.world > 1 else flags
-        *totals, tokens_total, signalled, nonfinite = flags.tolist()
+        *totals, tokens_total, nonfinite, signalled, clock = flags.tolist()  # the host waits for the device here
+        self._add_step_time()
+        first = self._synced[0] + 1
+        self._checked = f"at step {self.step}" if first == self.step else f"in steps {first}-{self.step}"
         if nonfinite:
-            raise LLMTrainError(self._nonfinite_message(f"(lr {self.optimizer.param_groups[0]['lr']:.3g})"))
+            raise LLMTrainError(
+                self._nonfinite_message(f"{self._checked} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
+            )
+        self._nonfinite = 0.0
         self._signalled = signalled > 0
+        self._window["tokens"] = tokens_total
+        self._plan_time_check(clock)
+        return [t / self._window["steps"] for t in totals]
+
+    def _add_step_time(self) -> None:
+        # On a sync step this includes the wait for the device, so each window's time is the device's too.
         dt = time.perf_counter() - self._t0
         self.train_time += dt
-        self._window["steps"] += 1
         self._window["time"] += dt
-        self._window["tokens"] += tokens_total
-        return totals
+
+    def _sync_due(self) -> bool:
+        """Whether this step syncs: every step for a stage that asks, each step that logs a line, and with a time
+        budget the steps planned by `_plan_time_check`."""
+        if self.sync_every_step or self._line_due():
+            return True
+        return bool(self.cfg.max_time_s) and self.step >= self._time_check_at
+
+    def _line_due(self) -> bool:
+        """Whether this step writes a metrics line: every `log_every` steps, before each checkpoint (periodic or a
+        signal's) and at the last step (of the step or the time budget)."""
+        step, cfg = self.step, self.cfg
+        last = step == self.total_steps or self._signalled or self._time_spent()
+        return last or step % cfg.log_every == 0 or self.due(cfg.save_every)
+
+    def _plan_time_check(self, clock: float) -> None:
+        """Keep the main process's clock, which every process now has. With a time budget, the next sync comes
+        after half the steps the rest of the budget lasts at the pace since the last one, so the run stops
+        after the step that spends it, as if it synced every step (unless steps suddenly get twice as slow)."""
+        last_step, last_clock = self._synced
+        self._synced = (self.step, clock)
+        if self.cfg.max_time_s and not self._time_spent():
+            pace = (clock - last_clock) / (self.step - last_step)
+            left = (self.cfg.max_time_s - clock) / pace if pace > 0 else 0
+            self._time_check_at = self.step + max(1, int(left / 2))
+
+    def _time_spent(self) -> bool:
+        return bool(self.cfg.max_time_s) and self._synced[1] >= self.cfg.max_time_s
 
     @contextmanager
     def waiting_for_data(self):
@@ -287,22 +354,21 @@ class Loop:
         self._window["data"] += time.perf_counter() - t
 
     def log(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Stop on a non-finite loss; every `log_every` steps (and at the last) add the learning rate and the
-        timing fields (ms per step, tokens per second since the last log) and write the step's line."""
+        """On a sync step, with the metrics made from what `reduce` returned: stop on a non-finite loss; on a line
+        step (see `_line_due`) add the learning rate and the timing fields (ms per step, tokens per second since
+        the last line) and write the line. Tensors given (a gradient norm) are read here: the step's own value."""
         lr = self.optimizer.param_groups[0]["lr"]
         for key in WATCHED:
             if key in metrics and not math.isfinite(metrics[key]):
                 what = "training loss" if key == "train_loss" else key
                 raise LLMTrainError(
-                    f"The {what} became {metrics[key]} at step {self.step} (lr {lr:.3g}); the run stopped. "
+                    f"The {what} became {metrics[key]} {self._checked} (lr {lr:.3g}); the run stopped. "
                     f"The last good checkpoint is kept in {self.run.path}. "
                     + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
                 )
-        self._progress.update(1)
         self.last = metrics = {**metrics, "lr": lr}
-        if self.step % self.cfg.log_every and self.step != self.total_steps:
+        if not self._line_due():
             return metrics
-        # Tensors (a gradient norm) are read only here, on logging steps.
         metrics = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         window = self._window
         metrics["ms_per_step"] = 1000 * window["time"] / window["steps"]
@@ -312,7 +378,7 @@ class Loop:
                 metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak_flops * self.world)
         if window["data"]:
             metrics["data_wait_frac"] = window["data"] / window["time"]
-        self._window = dict.fromkeys(window, 0.0)
+        self._window, self._sums, self._tokens = dict.fromkeys(window, 0.0), None, 0.0
         self.run.log_metrics(self.step, metrics, self.accelerator)
         shown = {k: f"{v:,}" if isinstance(v, int) else f"{v:.3f}" for k, v in list(metrics.items())[:2]}
         if "tokens_per_s" in metrics:
@@ -333,8 +399,8 @@ class Loop:
             self._progress.write(text)
 
     def checkpoint(self) -> None:
-        """After a step: on a signal, save and raise RunInterrupted; else save every `save_every` steps. Weights
-        that are not finite are never saved."""
+        """After a step: on a signal (seen at a sync step), save and raise RunInterrupted; else save every
+        `save_every` steps (sync steps too). Weights that are not finite are never saved."""
         signum = (self._signal[0] or signal.SIGTERM) if self._signalled else 0
         if signum or self.due(self.cfg.save_every):
             self._check_finite_weights()

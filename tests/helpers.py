@@ -161,8 +161,8 @@ def fit_line(
 ):
     """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
     layer: SIGTERM to itself during step `stop_at` (or during the final save, `stop_in_final`), NaN gradients during
-    the steps in `nan_grads_at`, a NaN loss logged at step `nan_loss_at`; `parent`, a model folder it records as the
-    one it starts from. Returns the run and the model."""
+    the steps in `nan_grads_at`, a NaN loss reported at step `nan_loss_at`; `parent`, a model folder it records as
+    the one it starts from. Returns the run and the model."""
     import signal
 
     import torch
@@ -193,8 +193,10 @@ def fit_line(
             loop.optimizer_step()
             if loop.step + 1 == stop_at:  # as if a scheduler stopped the job during this step
                 os.kill(os.getpid(), signal.SIGTERM)
-            (loss_sum,) = loop.reduce(loss.detach()[None], tokens=len(x))
-            loop.log({"train_loss": float("nan") if loop.step == nan_loss_at else loss_sum})
+            poison = float("nan") if loop.step + 1 == nan_loss_at else 1.0
+            totals = loop.reduce(loss.detach()[None] * poison, tokens=len(x))
+            if totals is not None:
+                loop.log({"train_loss": totals[0]})
             loop.checkpoint()
         if stop_in_final:  # as if a scheduler stopped the job during the final evaluation or save
             os.kill(os.getpid(), signal.SIGTERM)

@@ -1,14 +1,53 @@
-"""The loop spine on a tiny regression model: stops, logging, NaN stop, signals, resume."""
+"""The loop spine on a tiny regression model: stops, logging, host syncs, NaN stop, signals, resume."""
+
+import sys
+import types
 
 import pytest
 import torch
 from helpers import fit_line, logged
 
+from llmtrain import loop as loop_module
 from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.loop import Loop
 from llmtrain.registry import read_manifest
 from llmtrain.run_dir import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def host_reads(monkeypatch) -> list[int]:
+    """The steps at which the loop spine or the stage read a tensor's value on the host (what makes the host wait
+    for a GPU); reads inside torch's own code are not counted."""
+    steps: list[int] = []
+
+    def counted(read):
+        def spy(tensor, *args):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.endswith(("llmtrain/loop.py", "tests/helpers.py")):
+                steps.append(caller.f_locals["self"].step if "self" in caller.f_locals else -1)
+            return read(tensor, *args)
+
+        return spy
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    return steps
+
+
+@pytest.mark.parametrize("log_every, synced", [(1, [1, 2, 3, 4, 5, 6, 7, 8]), (4, [4, 8])])
+def test_the_loop_reads_the_device_once_per_logged_line_not_every_step(tmp_path, monkeypatch, log_every, synced):
+    reads = host_reads(monkeypatch)
+    run, _ = fit_line(tmp_path, log_every=log_every)
+    assert reads == [*synced, 8]  # and once more after the steps: the weights are checked before the last is saved
+    assert sorted(logged(run.path)) == synced
+
+
+def test_each_line_logs_the_average_of_the_steps_since_the_line_before(tmp_path):
+    every_step = [r["train_loss"] for r in logged(fit_line(tmp_path / "one", log_every=1)[0].path).values()]
+    lines = logged(fit_line(tmp_path / "four", log_every=4)[0].path)
+    assert lines[4]["train_loss"] == pytest.approx(sum(every_step[:4]) / 4, rel=1e-6)
+    assert lines[8]["train_loss"] == pytest.approx(sum(every_step[4:]) / 4, rel=1e-6)
 
 
 def test_the_loop_trains_to_max_steps_and_logs_lr_and_timing_every_log_every(tmp_path):
@@ -31,19 +70,41 @@ def test_a_time_budget_stops_the_loop_and_names_the_reason(tmp_path):
     assert metrics["stop_reason"] == "max_time_s" and metrics["steps"] == 1
 
 
-def test_a_non_finite_loss_stops_the_run_with_advice_and_marks_it_failed(tmp_path):
-    with pytest.raises(LLMTrainError, match=r"training loss became nan at step 4.*Lower --lr"):
-        fit_line(tmp_path, nan_loss_at=4)
+def test_a_time_budget_stops_after_the_step_that_spends_it_with_few_syncs(tmp_path, monkeypatch):
+    # A clock on which every step takes exactly one second.
+    steps_begun = [0]
+    real_reduce = Loop.reduce
+
+    def reduce(self, *args, **kwargs):
+        steps_begun[0] += 1
+        return real_reduce(self, *args, **kwargs)
+
+    monkeypatch.setattr(Loop, "reduce", reduce)
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: float(steps_begun[0])))
+    reads = host_reads(monkeypatch)
+    run, _ = fit_line(tmp_path, max_time_s=20.5, max_steps=100, log_every=50)
+    metrics = read_manifest(run.path)["metrics"]
+    assert metrics["stop_reason"] == "max_time_s" and metrics["steps"] == 21  # as when every step syncs
+    assert reads == [1, 10, 15, 17, 18, 19, 20, 21, 21]  # half the steps left each time, then every step; weights
+    assert sorted(logged(run.path)) == [21]  # the last step's line
+
+
+def test_a_non_finite_loss_stops_the_run_at_the_next_sync_step_before_its_checkpoint(tmp_path):
+    with pytest.raises(LLMTrainError, match=r"training loss became nan in steps 3-4.*Lower --lr"):
+        fit_line(tmp_path, nan_loss_at=3, save_every=2)
     assert read_manifest(tmp_path / "fit")["status"] == "failed"
+    assert [p.name for p in (tmp_path / "fit" / "checkpoints").glob("step-*")] == ["step-0000002"]
 
 
-def test_a_signal_saves_a_checkpoint_and_resume_ends_on_the_same_weights(tmp_path):
-    _, whole = fit_line(tmp_path / "whole")
-    with pytest.raises(RunInterrupted, match="SIGTERM at step 3"):
+def test_a_signal_is_acted_on_at_the_next_sync_step_and_resume_ends_on_the_same_weights_and_lines(tmp_path):
+    whole_run, whole = fit_line(tmp_path / "whole")
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 4"):  # sent during step 3; lines every 2 steps
         fit_line(tmp_path / "cut", stop_at=3)
     assert read_manifest(tmp_path / "cut" / "fit")["status"] == "interrupted"
     run, resumed = fit_line(tmp_path / "cut", resume=True)
-    assert sorted(logged(run.path)) == [2, 4, 6, 8]
+    assert logged(run.path).keys() == logged(whole_run.path).keys() == {2, 4, 6, 8}
+    losses = [[row["train_loss"] for row in logged(r.path).values()] for r in (run, whole_run)]
+    assert losses[0] == losses[1]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
 
 
@@ -63,12 +124,13 @@ def test_a_signal_after_the_last_step_leaves_a_run_that_resumes_straight_to_the_
     assert torch.equal(resumed.weight, whole.weight)
 
 
-def test_nan_gradients_stop_the_run_before_the_step_is_saved(tmp_path):
-    with pytest.raises(LLMTrainError, match=r"gradients were not finite.*at step 5.*last good checkpoint"):
-        fit_line(tmp_path, nan_grads_at=(5,), save_every=1)
+@pytest.mark.parametrize("every, found, kept", [(1, "at step 5", [3, 4]), (4, "in steps 5-8", [4])])
+def test_nan_gradients_stop_the_run_at_the_next_sync_step_before_anything_is_saved(tmp_path, every, found, kept):
+    with pytest.raises(LLMTrainError, match=rf"gradients were not finite.*{found}.*last good checkpoint"):
+        fit_line(tmp_path, nan_grads_at=(5,), save_every=every, log_every=every, max_steps=12)
     run = tmp_path / "fit"
     assert read_manifest(run)["status"] == "failed"
-    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000004"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [f"step-{k:07d}" for k in kept]
 
 
 def test_nan_gradients_are_skipped_and_counted_when_asked_and_stop_past_the_allowance(tmp_path):
@@ -91,8 +153,8 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
 def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, capsys, damage):
     _, whole = fit_line(tmp_path / "whole")
     with pytest.raises(RunInterrupted):
-        fit_line(tmp_path / "cut", stop_at=5, save_every=2)  # leaves step 4 and step 5 (the signal's)
-    weights = tmp_path / "cut" / "fit" / "checkpoints" / "step-0000005" / "model.safetensors"
+        fit_line(tmp_path / "cut", stop_at=5, save_every=2)  # leaves step 4 and step 6 (the signal's, sent in 5)
+    weights = tmp_path / "cut" / "fit" / "checkpoints" / "step-0000006" / "model.safetensors"
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:100])
     else:
@@ -100,6 +162,6 @@ def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before
     capsys.readouterr()
     run, resumed = fit_line(tmp_path / "cut", resume=True, save_every=2)
     out = capsys.readouterr().out
-    assert "Skipping checkpoint step-0000005" in out and "model.safetensors" in out
+    assert "Skipping checkpoint step-0000006" in out and "model.safetensors" in out
     assert "Resuming fit from step 4" in out
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)

@@ -92,14 +92,14 @@ def test_an_interrupted_overwrite_is_resumed_by_the_same_command_and_replaces_th
     fit_line(tmp_path, lr=0.1)
     before = files(tmp_path / "fit")
     _, whole = fit_line(tmp_path / "whole")
-    with pytest.raises(RunInterrupted, match=r"SIGTERM at step 3; checkpoint saved in .*\.overwrite/fit"):
+    with pytest.raises(RunInterrupted, match=r"SIGTERM at step 4; checkpoint saved in .*\.overwrite/fit"):
         fit_line(tmp_path, stop_at=3, overwrite=True)
     assert files(tmp_path / "fit") == before
 
     run, resumed = fit_line(tmp_path, overwrite=True)  # the same command
     assert run.path == tmp_path / "fit" and entries(tmp_path) == ["fit", "whole"]
     manifest = read_manifest(run.path)
-    assert manifest["name"] == "fit" and manifest["resumed_at_steps"] == [3] and manifest["config"]["lr"] == 0.3
+    assert manifest["name"] == "fit" and manifest["resumed_at_steps"] == [4] and manifest["config"]["lr"] == 0.3
     assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
     assert torch.equal(torch.load(run.path / "weights.pt")["weight"], whole.weight)

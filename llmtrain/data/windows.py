@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from llmtrain.errors import LLMTrainError
+from llmtrain.runtime import to_device
 
 
 class TokenWindows:
@@ -28,11 +29,8 @@ class TokenWindows:
 
     def _stack(self, starts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.seq_len + 1
-        batch = torch.from_numpy(np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64))
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        else:
-            batch = batch.to(device)
+        rows = np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64)
+        batch = to_device(torch.from_numpy(rows), device)
         return batch[:, :-1], batch[:, 1:]
 
     def random_batch(

@@ -27,6 +27,7 @@ from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.losses import dpo_loss
 from llmtrain.models import load_causal_lm, load_policy, save_policy
 from llmtrain.registry import resolve_judge
+from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
 
 PLOT_CURVES = {
@@ -123,21 +124,21 @@ def run(cfg: DpoConfig) -> Path:
                 idx = batch_indices(len(train), global_batch, cfg.seed, loop.step * cfg.grad_accum + micro)[rank::world]
                 batch = collate_pairs([train[i] for i in idx], pad_id)
                 tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(device) for k, v in batch.items()}
-                ref = train_ref[idx].to(device).T.flatten() if train_ref is not None else reference(batch)
+                batch = to_device(batch, device)
+                ref = to_device(train_ref[idx], device).T.flatten() if train_ref is not None else reference(batch)
                 with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     policy, n_tokens = _logprobs(model, batch, with_counts=True)
                     loss, stats = _loss(policy, ref, n_tokens, cfg)
                     accelerator.backward(loss / cfg.grad_accum)
                 sums += stats
             loop.optimizer_step()
-            *totals, pairs = loop.reduce(sums, tokens)
-            means = dict(zip(("train_loss", "chosen_reward", "rejected_reward", "accuracy", "nll"), totals))
-            means = {k: v / pairs for k, v in means.items()}
-            loop.log(
-                {"train_loss": means.pop("train_loss"), "margin": means["chosen_reward"] - means["rejected_reward"]}
-                | means
-            )
+            totals = loop.reduce(sums, tokens)
+            if totals is not None:
+                *totals, pairs = totals
+                means = dict(zip(("train_loss", "chosen_reward", "rejected_reward", "accuracy", "nll"), totals))
+                means = {k: v / pairs for k, v in means.items()}
+                margin = means["chosen_reward"] - means["rejected_reward"]
+                loop.log({"train_loss": means.pop("train_loss"), "margin": margin} | means)
             if loop.due(cfg.eval_every):
                 loop.log_eval(_preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator))
             loop.checkpoint()
@@ -179,8 +180,9 @@ def _loss(policy: torch.Tensor, ref: torch.Tensor, n_tokens: torch.Tensor, cfg: 
     nll = -(policy[:b] / n_tokens[:b].clamp(min=1)).mean()
     with torch.no_grad():
         correct = (out.chosen_rewards > out.rejected_rewards).sum().float()
+        pairs = policy.new_full((), b)  # filled on the device: a copy from the host would wait for the GPU
         stats = torch.stack(
-            [out.loss * b, out.chosen_rewards.sum(), out.rejected_rewards.sum(), correct, nll * b, policy.new_tensor(b)]
+            [out.loss * b, out.chosen_rewards.sum(), out.rejected_rewards.sum(), correct, nll * b, pairs]
         )
     return out.loss + cfg.nll_weight * nll, stats
 

@@ -122,6 +122,7 @@ def run(cfg: PpoConfig) -> Path:
             one = torch.ones(1, 1, dtype=torch.long, device=device)
             actor_critic(one, one, one - 1)
     loop = Loop.begin(cfg, accelerator, run, actor_critic, optimizer, total_steps)
+    loop.sync_every_step = True  # each step reads its rollouts on the host anyway (texts, rewards, the KL)
     if loop.step == 0:
         loop.state = {"parent_metrics": evaluate(), "reward_shift": None, "kl_coef": cfg.kl_coef}
     parent = loop.state["parent_metrics"]

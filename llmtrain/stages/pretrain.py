@@ -108,10 +108,11 @@ def run(cfg: PretrainConfig) -> Path:
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach()
             grad_norm = loop.optimizer_step()
-            (loss_total,) = loop.reduce((loss_sum / cfg.grad_accum)[None], tokens=tokens_per_step / world)
             loop.state["tokens_seen"] += tokens_per_step
-            logged = {"train_loss": loss_total / world} | ({"grad_norm": grad_norm} if grad_norm is not None else {})
-            loop.log(logged | {"tokens_seen": loop.state["tokens_seen"]})
+            totals = loop.reduce((loss_sum / cfg.grad_accum)[None], tokens=tokens_per_step / world)
+            if totals is not None:
+                logged = {"train_loss": totals[0] / world} | ({"grad_norm": grad_norm} if grad_norm is not None else {})
+                loop.log(logged | {"tokens_seen": loop.state["tokens_seen"]})
             if loop.due(cfg.eval_every):
                 last_val = evaluate()
                 loop.log_eval(last_val)

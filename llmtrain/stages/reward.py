@@ -22,6 +22,7 @@ from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
 from llmtrain.losses import bradley_terry_loss
 from llmtrain.models import check_positions, load_reward_model, save_reward_model
+from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
 
 PLOT_CURVES = {
@@ -76,18 +77,18 @@ def run(cfg: RewardConfig) -> Path:
                 idx = batch_indices(len(train), global_batch, cfg.seed, loop.step * cfg.grad_accum + micro)
                 batch = collate_pairs([train[i] for i in idx[rank::world]], pad_id)
                 tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                batch = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
                 with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
                     loss = bradley_terry_loss(chosen, rejected, cfg.margin)
                     accelerator.backward(loss / cfg.grad_accum)
                 n = float(chosen.numel())
-                sums += torch.stack(
-                    [loss.detach() * n, (chosen > rejected).sum().float(), torch.tensor(n, device=device)]
-                )
+                sums += torch.stack([loss.detach() * n, (chosen > rejected).sum().float(), chosen.new_full((), n)])
             loop.optimizer_step()
-            loss_sum, correct, pairs = loop.reduce(sums, tokens)
-            loop.log({"train_loss": loss_sum / pairs, "train_accuracy": correct / pairs})
+            totals = loop.reduce(sums, tokens)
+            if totals is not None:
+                loss_sum, correct, pairs = totals
+                loop.log({"train_loss": loss_sum / pairs, "train_accuracy": correct / pairs})
             if loop.due(cfg.eval_every):
                 loop.log_eval(evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)[0])
             loop.checkpoint()

@@ -28,6 +28,7 @@ from llmtrain.distributed import micro_step
 from llmtrain.evaluate import chat_eval_loss, evaluate_answers, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.models import load_policy, save_policy
+from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
 
 PLOT_CURVES = {
@@ -103,11 +104,11 @@ def run(cfg: SftConfig) -> Path:
             batches = [collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
             # Average over the trained tokens of the whole global batch: every token weighs the same,
             # however the batch is split across micro-steps and processes.
-            n_tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)), device=device)
+            n_tokens = torch.full((), float(sum((b["labels"] != -100).sum() for b in batches)), device=device)
             n_global = (accelerator.reduce(n_tokens, reduction="sum") if world > 1 else n_tokens).clamp(min=1)
             loss_sum = torch.zeros((), device=device)
             for micro, batch in enumerate(batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 labels = batch.pop("labels")
                 with micro_step(accelerator, model, last=micro == cfg.grad_accum - 1):
                     summed, _ = masked_lm_loss(model(**batch, use_cache=False).logits, labels)
@@ -115,8 +116,9 @@ def run(cfg: SftConfig) -> Path:
                 loss_sum += summed.detach()
             loop.optimizer_step()
             real_tokens = sum(len(item.input_ids) for chunk in chunks for item in chunk)  # no padding
-            (train_loss,) = loop.reduce((loss_sum / n_global)[None], tokens=real_tokens)  # summed over processes
-            loop.log({"train_loss": train_loss})
+            totals = loop.reduce((loss_sum / n_global)[None], tokens=real_tokens)  # summed over processes
+            if totals is not None:
+                loop.log({"train_loss": totals[0]})
             if loop.due(cfg.eval_every):
                 loop.log_eval(evaluate(answers=False))
             loop.checkpoint()
