@@ -45,20 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's llmtrain: on the GPU machine it is not installed
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
 
-# Every package the check needs, module -> distribution: the GPU image's own, then those it lacks (gpu_check.md
-# lists their wheels), leaves before the packages that need them so that a missing leaf is named first.
+# What the check needs, module -> distribution: the GPU image's own, and the two it lacks (with what they need in
+# turn: gpu_check.md lists every wheel).
 IMAGE = {m: m for m in ("torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors", "numpy")}
 IMAGE |= {"yaml": "pyyaml", "jinja2": "jinja2", "tqdm": "tqdm", "huggingface_hub": "huggingface_hub"}
-BROUGHT = {m: m for m in ("dill", "multiprocess", "xxhash", "six", "pyarrow")}
-BROUGHT |= {"dateutil": "python-dateutil", "pandas": "pandas", "datasets": "datasets"}
-BROUGHT |= {m: m for m in ("cycler", "pyparsing", "kiwisolver", "contourpy")}
-BROUGHT |= {"fontTools": "fonttools", "PIL": "pillow", "matplotlib.pyplot": "matplotlib"}  # pyplot: what runs use
+BROUGHT = {"datasets": "datasets", "matplotlib.pyplot": "matplotlib"}  # pyplot: what runs use
 
 
 def missing_packages() -> dict[str, str]:
     """Distribution -> why not, for each needed module that is absent. The image's own are only looked up
-    (importing torch and peft takes seconds, and they come next anyway); the brought ones are imported, because a
-    wheel built for another Python or platform is found but does not import."""
+    (importing torch and peft takes seconds, and they come next anyway); the brought ones are imported, so that
+    a package they need in turn, or a wheel built for another Python or platform, is named by its error."""
     missing = {}
     for module, dist in IMAGE.items():
         if importlib.util.find_spec(module) is None:
