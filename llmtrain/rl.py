@@ -187,9 +187,10 @@ def value_loss(
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`, in fp32: the log-probability the sampler gave each token."""
-    logits = fp32(logits) / temperature if temperature != 1.0 else fp32(logits)
-    # The picked logit minus the logsumexp: no second vocabulary-sized tensor, as log_softmax would allocate.
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # log_softmax, not the picked logit minus logsumexp: the same in exact arithmetic, and logsumexp allocates a
+    # vocabulary-sized temporary too; the two round differently, and PPO's sampled trajectory follows the bits.
+    logp = F.log_softmax(fp32(logits) / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
