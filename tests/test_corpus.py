@@ -180,3 +180,32 @@ def test_an_unreachable_hub_data_set_is_reported(tmp_path):
     assert source.is_hub
     with pytest.raises(LLMTrainError, match="Could not load 'someone/no-such-corpus'.*Hub data set failed"):
         load_documents(source)
+
+
+def test_a_tokenizer_save_cut_short_leaves_no_cached_tokenizer(tmp_path, monkeypatch):
+    from llmtrain.config import PretrainConfig
+    from llmtrain.data import corpus
+    from llmtrain.registry import ModelSource
+
+    cfg = PretrainConfig(data="c.txt", vocab_size=300, tokenizer_train_chars=10_000)
+    docs = load_documents(resolve_corpus(str(write_corpus(tmp_path)), tmp_path))
+
+    def killed_mid_save(tokenizer, folder):
+        (folder / "tokenizer.json").parent.mkdir(parents=True)
+        (folder / "tokenizer.json").write_text('{"truncated')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus, "save_tokenizer", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.pretrain_tokenizer(cfg, ModelSource("preset", "gpt-nano"), "fp", tmp_path, docs)
+    assert not list((tmp_path / "tokenizers").glob("fp-*"))  # no folder a later run would load as the cache
+    monkeypatch.undo()
+    first = corpus.pretrain_tokenizer(cfg, ModelSource("preset", "gpt-nano"), "fp", tmp_path, docs)
+    cached = corpus.pretrain_tokenizer(cfg, ModelSource("preset", "gpt-nano"), "fp", tmp_path)  # no docs: cache
+    assert cached is not None and cached.get_vocab() == first.get_vocab()
+
+
+def write_corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(DOCS))
+    return path

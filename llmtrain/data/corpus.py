@@ -552,7 +552,15 @@ def pretrain_tokenizer(cfg: PretrainConfig, model: ModelSource, data_fp: str, ca
     )
     if len(tokenizer) <= 256 + 7:
         raise LLMTrainError(f"The corpus {cfg.data} has no text to train a tokenizer on; it is empty.")
-    save_tokenizer(tokenizer, out)
+    # Saved whole or not at all: into a folder of this process, then renamed (a kill mid-save leaves no half a
+    # tokenizer that the next run would load).
+    partial = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_tokenizer(tokenizer, partial)
+    try:
+        os.replace(partial, out)
+    except OSError:  # another process saved the same tokenizer first
+        shutil.rmtree(partial, ignore_errors=True)
     return tokenizer
 
 
