@@ -7,40 +7,17 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, env_for, logged, manifest
+from helpers import REPO, env_for, logged, manifest, tiny_ppo_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llmtrain.config import PpoConfig
 from llmtrain.data.prompts import load_prompts
 from llmtrain.errors import LLMTrainError
 from llmtrain.rewards import load_reward
 from llmtrain.rollout import Rollout
 from llmtrain.stages import ppo
 
-TOY_REWARD = "helpers:short_answer_reward"
 ANSWER_REWARD = "llmtrain.data.default_task:answer_reward"
-
-
-def ppo_config(runs_dir, **overrides) -> PpoConfig:
-    values = dict(
-        runs_dir=str(runs_dir),
-        init="sft-tiny",
-        reward_fn=TOY_REWARD,
-        batch_size=16,
-        max_steps=2,
-        lr=3e-4,
-        value_lr=1e-3,
-        max_length=64,
-        max_new_tokens=12,
-        task_eval_rows=16,
-        num_samples=1,
-        sample_every=0,
-        save_every=0,
-        num_mini_batches=1,
-    )
-    values.update(overrides)
-    return PpoConfig(**values)
 
 
 def plain_checkpoint(run_dir, dest):
@@ -54,7 +31,7 @@ def plain_checkpoint(run_dir, dest):
 
 @pytest.fixture(scope="module")
 def toy_run(sft_run):
-    cfg = ppo_config(sft_run.parent, max_steps=20, sample_every=10, num_mini_batches=2, run_name="ppo-toy")
+    cfg = tiny_ppo_config(sft_run.parent, max_steps=20, sample_every=10, num_mini_batches=2, run_name="ppo-toy")
     return ppo.run(cfg)
 
 
@@ -87,7 +64,7 @@ def test_a_ppo_run_is_registered_with_its_parent_samples_plot_and_a_loadable_pol
 
 
 def test_a_reward_model_run_is_read_at_the_answers_end_of_turn_token_and_becomes_a_parent(sft_run, reward_run):
-    cfg = ppo_config(sft_run.parent, reward_fn=None, reward_model="rm-tiny", run_name="ppo-rm")
+    cfg = tiny_ppo_config(sft_run.parent, reward_fn=None, reward_model="rm-tiny", run_name="ppo-rm")
     m = manifest(ppo.run(cfg))
     assert m["parents"] == ["sft-tiny", "rm-tiny"] and m["model"]["critic"] == "reward"
     assert m["model"]["reward"] == {"kind": "model", "spec": "rm-tiny", "tokens": True}
@@ -144,7 +121,7 @@ def test_any_checkpoint_folders_work_for_policy_and_reward_and_lora_shares_the_r
     import datasets
 
     datasets.Dataset.from_list([{"prompt": f"What is {a} + 12?"} for a in range(20, 60)]).to_parquet(str(prompts))
-    cfg = ppo_config(
+    cfg = tiny_ppo_config(
         sft_run.parent,
         init=str(policy),
         reward_fn=None,
@@ -171,11 +148,13 @@ def test_chat_prompts_group_advantages_and_a_value_head(sft_run, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     group = ppo.run(
-        ppo_config(sft_run.parent, data=str(data), advantage="group", num_generations=4, batch_size=4, run_name="grpo")
+        tiny_ppo_config(
+            sft_run.parent, data=str(data), advantage="group", num_generations=4, batch_size=4, run_name="grpo"
+        )
     )
     step = logged(group)[1]
     assert "value_loss" not in step and manifest(group)["model"]["critic"] is None
-    head = ppo.run(ppo_config(sft_run.parent, data=str(data), value_model="head", run_name="ppo-head"))
+    head = ppo.run(tiny_ppo_config(sft_run.parent, data=str(data), value_model="head", run_name="ppo-head"))
     assert manifest(head)["model"]["critic"] == "head" and "value_loss" in logged(head)[2]
 
 
@@ -218,23 +197,23 @@ def test_bad_prompt_rows_are_named_by_file_and_line(tmp_path, row, message):
 def test_bad_reward_settings_say_what_to_do(sft_run, reward_run, tmp_path):
     runs = sft_run.parent
     with pytest.raises(LLMTrainError, match=r"no finished reward run.*recipes/reward.py.*--reward_fn"):
-        ppo.run(ppo_config(tmp_path, init=str(sft_run), reward_fn=None, reward_model="latest"))
+        ppo.run(tiny_ppo_config(tmp_path, init=str(sft_run), reward_fn=None, reward_model="latest"))
     with pytest.raises(LLMTrainError, match="--reward_fn no_such_module:f: could not import"):
-        ppo.run(ppo_config(runs, reward_fn="no_such_module:f"))
+        ppo.run(tiny_ppo_config(runs, reward_fn="no_such_module:f"))
     with pytest.raises(LLMTrainError, match="is not a sequence classifier"):
-        ppo.run(ppo_config(runs, reward_fn=None, reward_model="sft-tiny"))
+        ppo.run(tiny_ppo_config(runs, reward_fn=None, reward_model="sft-tiny"))
     with pytest.raises(LLMTrainError, match=r"returned 1 scores for \d+ responses; it must return one float per"):
-        ppo.run(ppo_config(runs, reward_fn="helpers:wrong_length_reward", run_name="ppo-bad-fn"))
+        ppo.run(tiny_ppo_config(runs, reward_fn="helpers:wrong_length_reward", run_name="ppo-bad-fn"))
     with pytest.raises(LLMTrainError, match="--num_generations to 2 or more"):
-        ppo.run(ppo_config(runs, advantage="group"))
+        ppo.run(tiny_ppo_config(runs, advantage="group"))
     with pytest.raises(LLMTrainError, match="--value_model reward initialises the critic from the reward model"):
-        ppo.run(ppo_config(runs, value_model="reward"))
+        ppo.run(tiny_ppo_config(runs, value_model="reward"))
 
 
 @pytest.mark.slow
 def test_ppo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
     runs = sft_run.parent
-    reference = ppo.run(ppo_config(runs, max_steps=5, task="none", run_name="ppo-ref"))
+    reference = ppo.run(tiny_ppo_config(runs, max_steps=5, task="none", run_name="ppo-ref"))
     original = ppo.batch_indices
 
     def crash_at_step_4(n, global_batch, seed, j):
@@ -243,7 +222,7 @@ def test_ppo_resumes_after_a_crash_on_the_same_curve(sft_run, monkeypatch):
         return original(n, global_batch, seed, j)
 
     monkeypatch.setattr(ppo, "batch_indices", crash_at_step_4)
-    cfg = ppo_config(runs, max_steps=5, task="none", save_every=3, run_name="ppo-crash")
+    cfg = tiny_ppo_config(runs, max_steps=5, task="none", save_every=3, run_name="ppo-crash")
     with pytest.raises(RuntimeError, match="simulated crash"):
         ppo.run(cfg)
     monkeypatch.setattr(ppo, "batch_indices", original)
@@ -283,5 +262,5 @@ def test_a_crash_inside_the_loop_marks_the_run_failed_not_running(sft_run, monke
 
     monkeypatch.setattr(ppo, "score_rollout", crash)
     with pytest.raises(RuntimeError, match="a bug"):
-        ppo.run(ppo_config(sft_run.parent, run_name="ppo-bug", max_steps=1, task_eval_rows=2))
+        ppo.run(tiny_ppo_config(sft_run.parent, run_name="ppo-bug", max_steps=1, task_eval_rows=2))
     assert manifest(sft_run.parent / "ppo-bug")["status"] == "failed"
