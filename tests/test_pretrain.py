@@ -66,6 +66,35 @@ def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path, small_corp
     assert json.loads((resumed / "llmtrain.json").read_text())["resumed_at_steps"] == [13]
 
 
+def test_sigterm_during_the_final_evaluation_resumes_straight_to_it_with_the_same_model(
+    tmp_path, small_corpus, monkeypatch
+):
+    reference = pretrain.run(tiny_config(tmp_path / "a", small_corpus, max_steps=12, eval_every=0))
+    original = pretrain.evaluate_lm
+
+    def stopped_while_evaluating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, once the steps are over
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "evaluate_lm", stopped_while_evaluating)
+    cfg = tiny_config(tmp_path / "b", small_corpus, max_steps=12, eval_every=0, run_name="r")
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 12"):
+        pretrain.run(cfg)
+    run_dir = tmp_path / "b" / "r"
+    assert json.loads((run_dir / "llmtrain.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "model.safetensors").exists()
+
+    monkeypatch.setattr(pretrain, "evaluate_lm", original)
+    resumed = pretrain.run(cfg)
+    manifest = json.loads((resumed / "llmtrain.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resumed_at_steps"] == [12]
+    assert (
+        manifest["metrics"]["val_loss"] == json.loads((reference / "llmtrain.json").read_text())["metrics"]["val_loss"]
+    )
+    weights = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (reference, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.slow
 def test_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, small_corpus, monkeypatch):
     original = pretrain.TokenWindows.random_batch
