@@ -236,8 +236,7 @@ class Loop:
         final evaluation or save leaves a run that resumes straight to them. From here a signal stops at once."""
         if self.run.saved_step != self.step:
             self._check_finite_weights()
-            state = {"train_time_s": self.train_time, **self.state}
-            self.run.save_checkpoint(self.accelerator, self.step, state, self.cfg.keep_checkpoints)
+            self.run.save_checkpoint(self.accelerator, self.step, self._trainer_state(), self.cfg.keep_checkpoints)
         self._steps_saved = True
         self._progress.close()
         if self._signal[0]:  # arrived after the last step's reduction
@@ -404,15 +403,19 @@ class Loop:
         signum = (self._signal[0] or signal.SIGTERM) if self._signalled else 0
         if signum or self.due(self.cfg.save_every):
             self._check_finite_weights()
-        state = {"train_time_s": self.train_time, **self.state}
+        state = self._trainer_state()
         self.run.checkpoint_after_step(self.accelerator, self.step, self.total_steps, state, self.cfg, signum)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds beside the model, optimizer and RNG: the training time and the stage's state."""
+        return {"train_time_s": self.train_time, **self.state}
 
     # ------------------------------------------------------------ the end
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights for saving, once every process has finished training (and if finite)."""
+        """The whole model's weights for saving, once every process has finished training. They are finite: the
+        last step's checkpoint (`steps`), or the checkpoint this run resumed at it from, was checked before saving."""
         self.accelerator.wait_for_everyone()
-        self._check_finite_weights()
         return full_state_dict(self.accelerator, self.model)
 
     def _check_finite_weights(self) -> None:

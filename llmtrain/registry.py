@@ -184,6 +184,11 @@ def parent_manifest(source: ModelSource) -> dict[str, Any]:
         return {}
 
 
+# The files of a checkpoint that decide what it computes, and how `model_fingerprint` samples the large ones.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt")
+SAMPLE_BLOCK, SAMPLE_BLOCKS = 1 << 16, 16
+
+
 def model_fingerprint(path: str | Path) -> str | None:
     """A content hash of a local checkpoint folder (None for a Hub id): the name, size and sampled bytes of each of its
     weight, config and tokenizer files. Sampling (the whole of small files, 16 spread 64 KiB blocks of large ones)
@@ -198,17 +203,13 @@ def model_fingerprint(path: str | Path) -> str | None:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
-            if size <= 16 * SAMPLE_BLOCK:
+            if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
                 h.update(fh.read())
                 continue
-            for i in range(16):
-                fh.seek(i * (size - SAMPLE_BLOCK) // 15)
+            for i in range(SAMPLE_BLOCKS):
+                fh.seek(i * (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1))
                 h.update(fh.read(SAMPLE_BLOCK))
     return h.hexdigest()[:16]
-
-
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt")
-SAMPLE_BLOCK = 1 << 16
 
 
 # ---------------------------------------------------------------- runs

@@ -30,6 +30,7 @@ from typing import Any
 from llmtrain import __version__
 from llmtrain.errors import LLMTrainError
 from llmtrain.registry import latest_run, model_fingerprint, new_run_name, read_manifest, timestamp, write_manifest
+from llmtrain.runtime import process_alive
 
 CHECKPOINTS = "checkpoints"
 FILES = "files"  # in a checkpoint's trainer_state.json: each file of the checkpoint and its size
@@ -516,13 +517,8 @@ def _stale_notice(holder: dict[str, Any], path: Path, name: str) -> str | None:
         return None  # a process on another machine cannot be checked from here
     if pid == os.getpid():
         return ""  # an earlier run in this process that stopped before its end (a notebook or a test retrying)
-    try:
-        os.kill(pid, 0)
+    if process_alive(pid):
         return None
-    except ProcessLookupError:
-        pass
-    except OSError:
-        return None  # it exists, and belongs to another user
     return (
         f"Taking over the lock of run '{name}': process {pid} on {host}, which took it at {holder.get('started')}, "
         f"is no longer running."

@@ -156,6 +156,17 @@ def stop_with_the_launcher(env: Mapping[str, str] = os.environ) -> bool:
     return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id runs (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def to_device(data: torch.Tensor | dict[str, torch.Tensor], device: torch.device):
     """A tensor, or a batch's tensors, on `device`. To a GPU they go from pinned memory without waiting: a plain
     copy would first wait for every kernel already queued, a stall at each step."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmtrain.errors import LLMTrainError
+from llmtrain.runtime import process_alive
 from llmtrain.tokenizer import load_tokenizer, plain_backend, save_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
@@ -415,18 +416,8 @@ def _remove_dead_partials(out: Path) -> None:
     prefix = out.name + _partial_suffix()
     for partial in out.parent.iterdir() if out.parent.is_dir() else []:
         pid = partial.name[len(prefix) :]
-        if partial.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+        if partial.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, under another user
-        return True
-    return True
 
 
 def _map_in_chunks(ds, fn, num_proc: int | None, **kwargs: Any):
@@ -552,11 +543,15 @@ def pretrain_tokenizer(cfg: PretrainConfig, model: ModelSource, data_fp: str, ca
     )
     if len(tokenizer) <= 256 + 7:
         raise LLMTrainError(f"The corpus {cfg.data} has no text to train a tokenizer on; it is empty.")
-    # Saved whole or not at all: into a folder of this process, then renamed (a kill mid-save leaves no half a
-    # tokenizer that the next run would load).
-    partial = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_tokenizer(tokenizer, partial)
+    # Saved whole or not at all, as the shards are: into a folder of this process, then renamed (a kill mid-save
+    # leaves no half a tokenizer that the next run would load).
+    _remove_dead_partials(out)
+    partial = out.with_name(f"{out.name}{_partial_suffix()}{os.getpid()}")
+    try:
+        save_tokenizer(tokenizer, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     try:
         os.replace(partial, out)
     except OSError:  # another process saved the same tokenizer first
