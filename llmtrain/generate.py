@@ -150,13 +150,13 @@ def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
     """Load a run, local checkpoint or Hub model and its tokenizer for sampling."""
     from llmtrain.errors import LLMTrainError
     from llmtrain.models import load_causal_lm
-    from llmtrain.registry import check_on_hub, resolve_model
+    from llmtrain.registry import hub_snapshot, resolve_model
     from llmtrain.tokenizer import load_tokenizer
 
     source = resolve_model(spec, runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"'{spec}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
-    check_on_hub(source, runs_dir, "model")
+    source = hub_snapshot(source, runs_dir, "model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_causal_lm(source, runs_dir, dtype="auto").to(device)
     return model, load_tokenizer(source.path)

@@ -139,7 +139,7 @@ class Loop:
             model = {"source": init.kind, "spec": init.spec, "lora": self.cfg.lora}
             model["trainable_parameters"] = parameter_count(self.model, trainable_only=True)
             manifest = {
-                "parent": init.run_name or init.path,
+                "parent": init.label,
                 "preset": parent_manifest(init).get("preset"),
                 **manifest,
                 "model": model | manifest.get("model", {}),

@@ -86,6 +86,11 @@ class ModelSource:
     def run_name(self) -> str | None:
         return Path(self.path).name if self.kind == "run" and self.path else None
 
+    @property
+    def label(self) -> str | None:
+        """How a manifest names it as a parent: a run's name, a Hub id, a checkpoint folder's path."""
+        return self.run_name or (self.spec if self.kind == "hub" else self.path)
+
 
 def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
     """Decide what a model spec names, in order: preset, registry run, local folder, Hub id."""
@@ -98,7 +103,8 @@ def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
     local = Path(spec)
     if local.exists():
         if (local / "config.json").is_file():
-            return ModelSource("local", spec, str(local.resolve()))
+            snapshot = hub_revision(local.resolve())  # one revision of a Hub model, as its cache holds it
+            return ModelSource("hub" if snapshot else "local", snapshot[0] if snapshot else spec, str(local.resolve()))
         raise LLMTrainError(
             f"'{spec}' is a local path but not a Hugging Face checkpoint (no config.json in it). "
             f"Give a preset ({', '.join(PRESETS)}), a run in {runs_dir}, or a checkpoint folder."
@@ -125,7 +131,7 @@ def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSou
     source = resolve_model(spec, runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--init {spec} is a preset with random weights; start from a trained model.")
-    return check_on_hub(source, runs_dir, "--init")
+    return hub_snapshot(source, runs_dir, "--init")
 
 
 def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
@@ -139,33 +145,42 @@ def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
     source = resolve_model(spec, runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--judge {spec} is a preset with random weights; give a reward model run.")
-    return check_on_hub(source, runs_dir, "--judge")
+    return hub_snapshot(source, runs_dir, "--judge")
 
 
-def check_on_hub(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelSource:
-    """A Hub id that is neither in the local Hugging Face cache nor on the Hub is an error at once, naming the runs
-    there are (it is often a mistyped run name), instead of the minute of retries a download spends offline."""
-    if source.kind != "hub":
-        return source
+def hub_snapshot(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelSource:
+    """A Hub model as the local folder of one revision, with the files loading needs (the config, weights,
+    tokenizer and chat template, fetched now if the cache lacks them). A run then loads, fingerprints and pins that
+    folder as it would a local checkpoint: every process loads the same revision, and a resumed run whose Hub model
+    has moved on is told so instead of continuing against new weights. Online, this is the Hub's newest revision
+    (what `from_pretrained` would load); offline, or when the Hub cannot be reached, the one the cache holds. A Hub
+    id neither cached nor on the Hub is an error at once, naming the runs there are (it is often a mistyped run
+    name), instead of the minute of retries a download spends offline. Other sources are returned as they are."""
+    if source.kind != "hub" or hub_revision(source.path):
+        return source  # not a Hub model, or already one revision's folder
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if isinstance(try_to_load_from_cache(source.spec, "config.json"), str):
-        return source
+    cached = try_to_load_from_cache(source.spec, "config.json")
     if constants.HF_HUB_OFFLINE:
         why = "HF_HUB_OFFLINE is set and the local Hugging Face cache does not hold it"
     else:
         from huggingface_hub import HfApi
 
         try:
-            HfApi().model_info(source.spec, timeout=10)
-            return source
+            info = HfApi().model_info(source.spec, timeout=10)
+            return ModelSource("hub", source.spec, _download_snapshot(source.spec, info))
         except GatedRepoError:
-            return source  # it exists; loading it says how to get access
+            raise LLMTrainError(
+                f"{flag} {source.spec}: the model is gated on the Hub. Accept its terms on its Hub page, then log in "
+                "with `hf auth login` (or set HF_TOKEN) on this machine, and start again."
+            ) from None
         except RepositoryNotFoundError:
             why = "the Hub has no public model of that id (a private or gated one needs `hf auth login` or HF_TOKEN)"
-        except Exception as e:  # noqa: BLE001 - any network failure: say what it was
+        except Exception as e:  # noqa: BLE001 - any network failure: use the cache, as from_pretrained would
             why = f"the Hub could not be reached ({e.__class__.__name__}: {e}) and the local cache does not hold it"
+    if isinstance(cached, str):
+        return ModelSource("hub", source.spec, str(Path(cached).parent.resolve()))
     runs = [Path(m["_dir"]).name for m in list_runs(runs_dir)]
     close = difflib.get_close_matches(source.spec, runs, n=3, cutoff=0.5)
     raise LLMTrainError(
@@ -174,6 +189,35 @@ def check_on_hub(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelS
         + f", no checkpoint folder of that name, and no model to load from the Hub: {why}. Give a run name, a "
         "checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct."
     )
+
+
+def hub_revision(path: str | Path | None) -> tuple[str, str] | None:
+    """(Hub id, commit) of a Hub model's snapshot folder in the Hugging Face cache
+    (models--org--name/snapshots/<commit>), or None for any other folder."""
+    if not path:
+        return None
+    folder = Path(path)
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/"), folder.name  # Hub names never hold "--"
+
+
+# The files of a Hub model that loading reads: config, generation config, tokenizer and chat template, and the
+# weights (safetensors when the repository has them, else PyTorch .bin). Subfolders (ONNX, GGUF, original
+# checkpoints) are not fetched.
+HUB_MODEL_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def _download_snapshot(repo_id: str, info) -> str:
+    from huggingface_hub import snapshot_download
+
+    files = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+    wanted = [f for f in files if f.endswith(HUB_MODEL_SUFFIXES)]
+    if not any(f.endswith(".safetensors") for f in wanted):
+        wanted += [f for f in files if f.endswith(".bin")]
+    folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted)
+    return str(Path(folder).resolve())
 
 
 def parent_manifest(source: ModelSource) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from llmtrain.data.prompts import question_of
 from llmtrain.errors import LLMTrainError
 from llmtrain.models import load_reward_model, score_conversations, token_scores
-from llmtrain.registry import check_on_hub, latest_run, resolve_model
+from llmtrain.registry import hub_snapshot, latest_run, resolve_model
 from llmtrain.rl import last_token_index
 from llmtrain.rollout import Rollout
 from llmtrain.tokenizer import load_tokenizer
@@ -25,7 +25,7 @@ class RewardSource:
 
     spec: str
     path: str | None = None
-    run_name: str | None = None
+    label: str | None = None  # how the manifest names it: a run's name, a Hub id or a folder
     model: Any = None
     tokenizer: Any = None  # the reward model's own
     same_tokens: bool = False  # whether the reward model reads the policy's tokens as they are
@@ -80,7 +80,7 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
     source = resolve_model(latest["_dir"] if latest else cfg.reward_model, cfg.runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"--reward_model {cfg.reward_model} is a preset with random weights; give a reward model.")
-    check_on_hub(source, cfg.runs_dir, "--reward_model")
+    source = hub_snapshot(source, cfg.runs_dir, "--reward_model")
     _check_reward_checkpoint(source)
     tokenizer = load_tokenizer(source.path)
     model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation).requires_grad_(False)
@@ -88,7 +88,7 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
         policy_tokenizer.get_vocab(),
         policy_tokenizer.chat_template,
     )
-    return RewardSource(source.spec, source.path, source.run_name, model, tokenizer, same)
+    return RewardSource(source.spec, source.path, source.label, model, tokenizer, same)
 
 
 def _check_reward_checkpoint(source) -> None:

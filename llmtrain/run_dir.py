@@ -29,7 +29,15 @@ from typing import Any
 
 from llmtrain import __version__
 from llmtrain.errors import LLMTrainError
-from llmtrain.registry import latest_run, model_fingerprint, new_run_name, read_manifest, timestamp, write_manifest
+from llmtrain.registry import (
+    hub_revision,
+    latest_run,
+    model_fingerprint,
+    new_run_name,
+    read_manifest,
+    timestamp,
+    write_manifest,
+)
 from llmtrain.runtime import process_alive
 
 CHECKPOINTS = "checkpoints"
@@ -110,7 +118,17 @@ class Run:
         must find the same one: a spec such as `latest` that now names another run, or a parent whose files changed
         on disk since the run started, is an error that says what changed."""
         pinned = {"spec": spec, "path": path, "fingerprint": model_fingerprint(path) if path else None}
+        snapshot = hub_revision(path)
+        if snapshot:
+            pinned["revision"] = snapshot[1]
         before = _read_if_any(self.path).get("parent_models", {}).get(role) if self.resume_from is not None else None
+        if before and before["path"] != path and before.get("revision") and snapshot:
+            raise LLMTrainError(
+                f"Run '{self.name}' started from {role} {before['spec']} at Hub revision {before['revision'][:12]}, "
+                f"but '{spec}' is now revision {snapshot[1][:12]} (the Hub model has changed since). A resumed "
+                f"run keeps the models it started with: pass --{role} {before['path']} (that revision, still in the "
+                "Hugging Face cache) to resume it, or start a new run."
+            )
         if before and before["path"] != path:
             raise LLMTrainError(
                 f"Run '{self.name}' started from {role} {before['path']} (given as '{before['spec']}'), but "

@@ -198,3 +198,32 @@ def test_continued_pretraining_keeps_the_models_own_end_of_sequence_ids(family_m
     assert len(own) == 3
     cfg = tiny_config(tmp_path, small_corpus, preset=model_dir, run_name="more", max_steps=2, eval_every=0)
     assert GenerationConfig.from_pretrained(pretrain.run(cfg)).eos_token_id == own
+
+
+def test_a_hub_id_trains_from_one_pinned_revision_and_the_card_names_the_hub_model(
+    family_models, task_files, tmp_path, monkeypatch, capsys
+):
+    """`--init Qwen/...` loads the revision the cache holds (the Hub's newest when online) from its snapshot folder;
+    the run names the Hub id as its parent, pins the revision, and its model card carries no local path."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-tiny"
+    shutil.copytree(family_models["qwen3"], repo / "snapshots" / ("e" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("e" * 40)
+    runs = str(tmp_path / "runs")
+
+    sft_dir = sft.run(SftConfig(**_common(runs, "Qwen/Qwen3-tiny", "sft"), **POLICY, **data(task_files, "sft")))
+    m = read_manifest(sft_dir)
+    assert m["status"] == "finished" and m["parent"] == "Qwen/Qwen3-tiny"
+    assert m["model"]["source"] == "hub" and m["model"]["spec"] == "Qwen/Qwen3-tiny"
+    pinned = m["parent_models"]["init"]
+    assert pinned["revision"] == "e" * 40 and pinned["path"] == str((repo / "snapshots" / ("e" * 40)).resolve())
+    capsys.readouterr()
+    assert main(["push", "sft", "--repo_id", "user/tiny", "--dry_run", "--runs_dir", runs]) == 0
+    staged = Path(capsys.readouterr().out.split("upload to user/tiny: ")[1].splitlines()[0])
+    card = (staged / "README.md").read_text()
+    assert "base_model: Qwen/Qwen3-tiny" in card and str(tmp_path) not in card

@@ -1,11 +1,22 @@
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from llmtrain.errors import LLMTrainError
-from llmtrain.registry import PRESETS, format_runs_table, list_runs, preset_config, resolve_init, resolve_model
+from llmtrain.registry import (
+    PRESETS,
+    ModelSource,
+    format_runs_table,
+    hub_revision,
+    list_runs,
+    preset_config,
+    resolve_init,
+    resolve_model,
+)
 
 
 def n_params(preset: str, vocab: int) -> float:
@@ -69,6 +80,90 @@ def test_init_with_a_mistyped_run_name_fails_at_once_naming_the_run_it_resembles
     with pytest.raises(LLMTrainError, match=r"--init sft-gpt-micro-20261130-1015: there is no run.*did you mean "
                        r"sft-gpt-micro-20261130-101500\?.*no model to load from the Hub"):  # fmt: skip
         resolve_init("sft-gpt-micro-20261130-1015", tmp_path / "runs", "pretrain")  # not a ~40 s download retry
+
+
+# ---------------------------------------------------------------- Hub models: one revision's folder
+
+
+def a_hub_cache(root: Path, repo_id: str, revision: str) -> Path:
+    """A Hugging Face cache (huggingface_hub's layout) whose `main` of `repo_id` is `revision`, a tiny checkpoint."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_a_hub_id_resolves_to_the_folder_of_the_revision_the_cache_holds_and_keeps_its_id(tmp_path, hub_cache):
+    snapshot = a_hub_cache(hub_cache, "org/tiny-lm", "a" * 40)
+    source = resolve_init("org/tiny-lm", tmp_path / "runs", "pretrain")
+    assert source == ModelSource("hub", "org/tiny-lm", str(snapshot.resolve()))
+    assert source.label == "org/tiny-lm" and hub_revision(source.path) == ("org/tiny-lm", "a" * 40)
+    # That folder given as a path is the same model: the id and the revision it pins.
+    assert resolve_init(str(snapshot), tmp_path / "runs", "pretrain") == source
+    plain = tmp_path / "my-checkpoint"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert resolve_model(str(plain), tmp_path) == ModelSource("local", str(plain), str(plain.resolve()))
+
+
+def fake_hub(monkeypatch, revision: str, files: list[str], error: Exception | None = None) -> list[dict]:
+    """The Hub as `huggingface_hub` sees it (no network here): `files` at `revision`; returns the downloads asked."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    asked: list[dict] = []
+
+    class Api:
+        def model_info(self, repo_id, timeout=None):
+            return SimpleNamespace(sha=revision, siblings=[SimpleNamespace(rfilename=f) for f in files])
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        asked.append({"repo_id": repo_id, "revision": revision, "files": sorted(allow_patterns)})
+        if error is not None:
+            raise error
+        return a_hub_cache(Path(constants.HF_HUB_CACHE), repo_id, revision)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return asked
+
+
+def test_online_the_newest_revision_is_fetched_with_only_the_files_loading_reads(tmp_path, hub_cache, monkeypatch):
+    a_hub_cache(hub_cache, "org/tiny-lm", "a" * 40)  # an older revision in the cache: the Hub's newest wins
+    weights = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin"]
+    tokenizer = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "merges.txt"]
+    other = [".gitattributes", "README.md", "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx"]
+    config = ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    asked = fake_hub(monkeypatch, "b" * 40, config + weights + tokenizer + other)
+    source = resolve_init("org/tiny-lm", tmp_path / "runs", "pretrain")
+    assert hub_revision(source.path) == ("org/tiny-lm", "b" * 40)
+    fetched = sorted(config + weights[:2] + tokenizer)  # no subfolder, no second copy of the weights
+    assert asked == [{"repo_id": "org/tiny-lm", "revision": "b" * 40, "files": fetched}]
+
+    asked = fake_hub(monkeypatch, "c" * 40, ["config.json", "pytorch_model.bin", "vocab.json", "training_args.bin"])
+    resolve_init("org/old-lm", tmp_path / "runs", "pretrain")  # no safetensors: the .bin weights
+    assert asked[0]["files"] == ["config.json", "pytorch_model.bin", "training_args.bin", "vocab.json"]
+
+
+def test_a_gated_hub_model_says_how_to_get_access(tmp_path, hub_cache, monkeypatch):
+    from huggingface_hub.errors import GatedRepoError
+
+    gated = GatedRepoError("403 gated", response=SimpleNamespace(headers={}, request=None))
+    fake_hub(monkeypatch, "d" * 40, ["config.json", "model.safetensors"], error=gated)
+    with pytest.raises(LLMTrainError, match=r"--init meta-llama/Llama-3.2-1B: the model is gated.*hf auth login"):
+        resolve_init("meta-llama/Llama-3.2-1B", tmp_path / "runs", "pretrain")
 
 
 def test_runs_table_shows_lineage_and_headline(tmp_path):

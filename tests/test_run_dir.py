@@ -154,6 +154,20 @@ def test_a_resumed_run_refuses_a_parent_that_moved_or_changed_on_disk(tmp_path):
     assert read_manifest(run.path)["status"] == "finished"
 
 
+def test_a_resumed_run_refuses_a_hub_parent_that_moved_to_a_new_revision(tmp_path):
+    snapshots = tmp_path / "hub" / "models--org--tiny-lm" / "snapshots"
+    first, newer = a_model(snapshots / ("a" * 40), b"a"), a_model(snapshots / ("b" * 40), b"b")
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3, parent=first)
+    assert read_manifest(tmp_path / "fit")["parent_models"]["init"]["revision"] == "a" * 40
+
+    moved = rf"at Hub revision a{{12}}, but .* is now revision b{{12}} .*--init {first} "
+    with pytest.raises(LLMTrainError, match=moved):
+        fit_line(tmp_path, resume=True, parent=newer)  # the Hub's main moved on between the start and the resume
+    run, _ = fit_line(tmp_path, resume=True, parent=first)  # the revision it started with, as the message says
+    assert read_manifest(run.path)["status"] == "finished"
+
+
 # ---------------------------------------------------------------- the lock
 
 

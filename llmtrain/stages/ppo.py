@@ -133,7 +133,7 @@ def run(cfg: PpoConfig) -> Path:
         f"{global_batch * cfg.num_generations} responses; parent "
         + (", ".join(f"{k} {v:.4f}" for k, v in parent.items()) or "-"),
         init=init,
-        parents=[init.run_name or init.path] + ([reward.run_name or reward.path] if reward.model is not None else []),
+        parents=[init.label] + ([reward.label] if reward.model is not None else []),
         model={
             "reference": "adapter-disabled base" if cfg.lora else "copy",
             "critic": critic_kind,

@@ -23,7 +23,7 @@ from llmtrain.flops import flops_per_token, non_embedding_params, parameter_coun
 from llmtrain.generate import sample
 from llmtrain.loop import Loop, prepare
 from llmtrain.models import check_positions, load_causal_lm
-from llmtrain.registry import ModelSource, preset_config, resolve_model
+from llmtrain.registry import ModelSource, hub_snapshot, preset_config, resolve_model
 from llmtrain.run_dir import Run
 from llmtrain.runtime import cache_dir, make_accelerator
 from llmtrain.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths
@@ -36,7 +36,7 @@ def run(cfg: PretrainConfig) -> Path:
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    source = resolve_model(cfg.preset, cfg.runs_dir)
+    source = hub_snapshot(resolve_model(cfg.preset, cfg.runs_dir), cfg.runs_dir, "--preset")
     run = Run.open(cfg, "pretrain", cfg.preset if source.kind == "preset" else "continued", accelerator)
     if source.kind != "preset":
         run.pin_parent("preset", cfg.preset, source.path)
@@ -76,7 +76,7 @@ def run(cfg: PretrainConfig) -> Path:
     loop.start(
         _summary(cfg, n_params, data, tokens_per_step, world, device, accelerator.mixed_precision),
         preset=cfg.preset if source.kind == "preset" else None,
-        parent=source.run_name or (source.path if source.kind != "preset" else None),
+        parent=source.label if source.kind != "preset" else None,
         model={
             "source": source.kind,
             "spec": cfg.preset,
