@@ -125,6 +125,9 @@ class PretrainConfig(RunConfig):
     )
     seq_len: int = 128
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, one more forward."}
+    )
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}
     )
@@ -209,6 +212,9 @@ class FinetuneConfig(RunConfig):
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated or all-linear."})
     merge_lora: bool = field(default=True, metadata={"help": "Save the merged model (false: the adapter)."})
     compile: bool = False
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, one more forward."}
+    )
     mixed_precision: str = "auto"
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}

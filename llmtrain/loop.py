@@ -46,6 +46,7 @@ from llmtrain.config import config_to_dict
 from llmtrain.distributed import full_state_dict
 from llmtrain.errors import LLMTrainError, RunInterrupted
 from llmtrain.flops import parameter_count, peak_flops
+from llmtrain.models import use_gradient_checkpointing
 from llmtrain.optim import build_optimizer, lr_at
 from llmtrain.registry import ModelSource, parent_manifest, resolve_init
 from llmtrain.run_dir import Run
@@ -71,9 +72,12 @@ def open_run(cfg: Any, stage: str, parent_stage: str) -> tuple[Any, ModelSource,
 
 
 def prepare(accelerator, cfg: Any, model, groups: list[dict] | None = None):
-    """AdamW over the model (or the param groups given), compile if asked, and Accelerate's wrapping.
-    Returns (model, optimizer, raw_model): raw_model is the bare model, for config, sampling and saving."""
+    """AdamW over the model (or the param groups given), gradient checkpointing and compile if asked, and
+    Accelerate's wrapping. Returns (model, optimizer, raw_model): raw_model is the bare model, for config, sampling
+    and saving."""
     optimizer = build_optimizer(groups or model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), accelerator.device)
+    if cfg.gradient_checkpointing:
+        use_gradient_checkpointing(model, accelerator)
     if cfg.compile:
         model.compile()  # in place: state_dict keys stay those of the HF model, so checkpoints load anywhere
     model, optimizer = accelerator.prepare(model, optimizer)

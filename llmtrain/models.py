@@ -62,6 +62,31 @@ def load_policy(init: ModelSource, tokenizer, cfg: Any, accelerator, use_cache: 
     return add_lora(model, cfg, "CAUSAL_LM", accelerator) if cfg.lora else model
 
 
+def use_gradient_checkpointing(model, accelerator) -> None:
+    """Keep only each decoder layer's input in the forward pass and recompute the layer in the backward pass:
+    activation memory no longer grows with depth, for one more forward pass per step. Non-reentrant checkpointing, which
+    needs no gradient on the layers' inputs (LoRA freezes the embeddings) and works under FSDP2, ZeRO-3 and compile.
+    Applied to every Hugging Face model inside `model` (PPO's policy and its critic model)."""
+    from transformers import PreTrainedModel
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "activation_checkpointing", False):
+        return  # the launch config's fsdp_activation_checkpointing already wraps each layer: once is enough
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    unable = [type(m).__name__ for m in models if not m.supports_gradient_checkpointing]
+    if not models or unable:
+        raise LLMTrainError(
+            f"--gradient_checkpointing: {', '.join(unable) or type(model).__name__} does not support gradient "
+            "checkpointing in transformers. Train without it (lower --batch_size and raise --grad_accum to save "
+            "memory instead)."
+        )
+    for m in models:
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated there
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_positions(model, length: int, flag: str, spec: str, note=print) -> None:
     """Sequences of `length` tokens against the positions a checkpoint has: past learned position embeddings
     (GPT-2's `wpe`, OPT's) an index error would stop training, so refuse; rotary positions exist at any length, but
@@ -125,10 +150,13 @@ def reward_pad_id(tokenizer) -> int:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in every layer, and eval mode: sampling, scoring and training see the same function."""
+    """Dropout off in every layer, and eval mode: sampling, scoring and training see the same function, in either
+    mode (attention modules of Llama-style models keep their dropout rate as a number, not as an nn.Dropout)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     model.eval()
 
 

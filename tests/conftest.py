@@ -73,3 +73,15 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     from families import build_all  # tests/ is on sys.path under pytest's rootdir conftest
 
     return build_all(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory) -> Path:
+    """The first rows of each default held-out file, so that a run's evaluation takes little time."""
+    from helpers import HELD_OUT, REPO
+
+    folder = tmp_path_factory.mktemp("held-out")
+    for name in ("sft_val", "prefs_val", "prompts_val"):
+        rows = (REPO / "data" / f"{name}.jsonl").read_text().splitlines()[:HELD_OUT]
+        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

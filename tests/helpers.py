@@ -203,3 +203,40 @@ def fit_line(
         torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish
         loop.finish({}, {"loss": ["train_loss"]}, "fitted")
     return run, model
+
+
+# ---------------------------------------------------------------- every stage, a few steps
+
+# The first steps of each stage (PPO's two cost the others' three) on a few rows, with a checkpoint after the
+# next-to-last step that holds the optimizer state. Evaluation is not what is compared: few held-out rows.
+STEPS = {"pretrain": 3, "sft": 3, "reward": 3, "dpo": 3, "ppo": 2}
+ROWS, HELD_OUT = 64, 32
+
+
+def few_steps_config(stage: str, request, held_out: Path, **overrides):
+    """A few steps of `stage` on the shared tiny runs, saving a checkpoint before the last step; `held_out`, the
+    folder of the `held_out` fixture."""
+    common = dict(max_steps=STEPS[stage], save_every=STEPS[stage] - 1, **overrides)
+    if stage == "pretrain":
+        runs = request.getfixturevalue("tmp_path_factory").mktemp("runs")
+        corpus = request.getfixturevalue("small_corpus")
+        return tiny_config(runs, corpus, eval_every=0, num_samples=1, sample_tokens=4, **common)
+    runs = request.getfixturevalue("sft_run").parent
+    tuned = dict(task_eval_rows=0, max_rows=ROWS, **common)  # no answers sampled for task accuracy
+    if stage == "sft":
+        return tiny_sft_config(runs, eval_data=str(held_out / "sft_val.jsonl"), **tuned)
+    pairs = dict(eval_data=str(held_out / "prefs_val.jsonl"), max_rows=ROWS, **common)
+    if stage == "reward":
+        return reward_config(runs, **pairs)
+    if stage == "dpo":
+        return tiny_dpo_config(runs, **pairs, task_eval_rows=0)
+    # The toy reward function and a value head on the policy: the cheapest PPO.
+    prompts = dict(eval_data=str(held_out / "prompts_val.jsonl"), batch_size=8, num_mini_batches=2, ppo_epochs=2)
+    return tiny_ppo_config(runs, value_model="head", **prompts, **tuned)
+
+
+def stage_runners() -> dict:
+    """Each stage's `run(config)`, by name."""
+    from llmtrain.stages import dpo, ppo, pretrain, reward, sft
+
+    return {"pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}

@@ -5,16 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    REPO,
-    logged,
-    manifest,
-    reward_config,
-    tiny_config,
-    tiny_dpo_config,
-    tiny_ppo_config,
-    tiny_sft_config,
-)
+from helpers import REPO, STEPS, few_steps_config, logged, manifest, stage_runners
 from safetensors.torch import load_file
 
 from llmtrain import rl
@@ -23,7 +14,6 @@ from llmtrain.data.preferences import sequence_logprobs
 from llmtrain.losses import bradley_terry_loss, dpo_loss
 from llmtrain.models import ScoreHead
 from llmtrain.run_dir import Run
-from llmtrain.stages import dpo, ppo, pretrain, reward, sft
 
 
 def bf16_autocast():
@@ -174,48 +164,10 @@ def test_a_reward_model_scores_in_fp32_and_tells_close_answers_apart_under_autoc
 # ---------------------------------------------------------------- every stage in bf16 against fp32
 
 
-# The first steps of each stage (PPO's two cost the others' three) on a few rows, with a checkpoint after the
-# next-to-last step (kept) that holds the optimizer state. Evaluation is not what is compared: few held-out rows.
-STEPS = {"pretrain": 3, "sft": 3, "reward": 3, "dpo": 3, "ppo": 2}
-ROWS, HELD_OUT = 64, 32
+STAGES = stage_runners()
 
 
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    """The first rows of each default held-out file, so that each run's evaluation takes little time."""
-    folder = tmp_path_factory.mktemp("held-out")
-    for name in ("sft_val", "prefs_val", "prompts_val"):
-        rows = (REPO / "data" / f"{name}.jsonl").read_text().splitlines()[:HELD_OUT]
-        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
-def stage_config(stage: str, request, held_out, **precision):
-    """A few steps of `stage` on the shared tiny runs, saving a checkpoint before the last step."""
-    common = dict(max_steps=STEPS[stage], save_every=STEPS[stage] - 1, **precision)
-    if stage == "pretrain":
-        runs = request.getfixturevalue("tmp_path_factory").mktemp("runs")
-        corpus = request.getfixturevalue("small_corpus")
-        return tiny_config(runs, corpus, eval_every=0, num_samples=1, sample_tokens=4, **common)
-    runs = request.getfixturevalue("sft_run").parent
-    tuned = dict(task_eval_rows=0, max_rows=ROWS, **common)  # no answers sampled for task accuracy
-    if stage == "sft":
-        return tiny_sft_config(runs, eval_data=str(held_out / "sft_val.jsonl"), **tuned)
-    pairs = dict(eval_data=str(held_out / "prefs_val.jsonl"), max_rows=ROWS, **common)
-    if stage == "reward":
-        return reward_config(runs, **pairs)
-    if stage == "dpo":
-        return tiny_dpo_config(runs, **pairs, task_eval_rows=0)
-    # The toy reward function and a value head on the policy: the cheapest PPO (a reward model's scores under
-    # autocast are checked above).
-    prompts = dict(eval_data=str(held_out / "prompts_val.jsonl"), batch_size=8, num_mini_batches=2, ppo_epochs=2)
-    return tiny_ppo_config(runs, value_model="head", **prompts, **tuned)
-
-
-RUN = {"pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run, "ppo": ppo.run}
-
-
-@pytest.fixture(scope="module", params=list(RUN))
+@pytest.fixture(scope="module", params=list(STAGES))
 def stage_runs(request, held_out, one_thread):
     """One stage run in bf16, then in fp32, in one process (which Accelerate's one state per process refused before
     `runtime._forget_other_precision`); the process ends in the default precision."""
@@ -224,7 +176,7 @@ def stage_runs(request, held_out, one_thread):
         patch.setattr(Run, "remove_checkpoints", lambda self: None)  # keep the checkpoint to read its optimizer
         patch.setattr(Run, "plot", lambda self, *curves: None)  # plotting took half of the time
         runs = {
-            p: RUN[stage](stage_config(stage, request, held_out, mixed_precision=p, run_name=f"{stage}-{p}"))
+            p: STAGES[stage](few_steps_config(stage, request, held_out, mixed_precision=p, run_name=f"{stage}-{p}"))
             for p in ("bf16", "no")
         }
     return stage, runs

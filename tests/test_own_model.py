@@ -63,7 +63,14 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
 
     packing, lora = i % 2 == 0, i % 3 == 1
     sft_dir = sft.run(
-        SftConfig(**_common(runs, model_dir, "sft"), **POLICY, packing=packing, lora=lora, **data(task_files, "sft"))
+        SftConfig(
+            **_common(runs, model_dir, "sft"),
+            **POLICY,
+            packing=packing,
+            lora=lora,
+            gradient_checkpointing=True,  # every architecture, packed or padded, full or LoRA
+            **data(task_files, "sft"),
+        )
     )
     m = read_manifest(sft_dir)
     assert m["status"] == "finished" and m["data"]["unverified"] == 0 and m["data"]["trained_tokens"] > 0
@@ -74,7 +81,9 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
     assert stops[: len(own_eos)] == own_eos and end_of_turn in stops
     assert load_tokenizer(sft_dir).chat_template == tokenizer.chat_template
 
-    rm_dir = reward.run(RewardConfig(**_common(runs, "sft", "rm"), **data(task_files, "prefs")))
+    rm_dir = reward.run(
+        RewardConfig(**_common(runs, "sft", "rm"), gradient_checkpointing=i % 2 == 0, **data(task_files, "prefs"))
+    )
     assert read_manifest(rm_dir)["status"] == "finished"
     scorer = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     # Scores are read at the last token that is not padding: an answer's end of turn, never the padding.

@@ -361,6 +361,8 @@ def ppo_update(loop: Loop, rollout: Rollout, old_logprobs, old_values, advantage
     mask = rollout.mask
     # policy loss, value loss, clipped tokens, value-clipped tokens, approx KL, entropy, tokens (all token sums)
     sums = torch.zeros(7, dtype=torch.float64, device=device)
+    # Gradient checkpointing acts in training mode only; with dropout off (`disable_dropout`) the modes compute alike.
+    actor_critic.train(cfg.gradient_checkpointing)
     for epoch in range(cfg.ppo_epochs):
         order = np.random.default_rng([cfg.seed, step, epoch]).permutation(n)
         for mb in range(cfg.num_mini_batches):
@@ -403,6 +405,7 @@ def ppo_update(loop: Loop, rollout: Rollout, old_logprobs, old_values, advantage
                     ).double()
             raw = accelerator.unwrap_model(actor_critic)
             loop.optimizer_step(*(m.parameters() for m in (raw.policy, raw.critic) if m is not None))
+    actor_critic.eval()
     return sums
 
 
