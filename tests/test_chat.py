@@ -111,6 +111,70 @@ def test_completion_is_an_alias_of_response_and_may_be_a_message_list():
     assert to_messages(row, "x") == row["prompt"] + row["completion"]
 
 
+def test_sharegpt_rows_become_the_same_messages_as_their_messages_rows():
+    chats = load_chat_rows(str(SAMPLES / "sft_sharegpt.jsonl"))
+    assert chats[0] == MULTI_TURN
+    assert chats[1] == [
+        {"role": "user", "content": "What is 75 - 43?"},
+        {"role": "assistant", "content": "75 - 43 = 32"},
+    ]
+    assert chats == load_chat_rows(str(SAMPLES / "sft_messages.jsonl"), max_rows=3)
+
+
+def test_sharegpt_speaker_names_map_to_roles():
+    row = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "user", "value": "U1"},
+            {"from": "chatgpt", "value": "A1"},
+            {"from": "human", "value": "U2"},
+            {"from": "bard", "value": "A2"},
+            {"from": "human", "value": "U3"},
+            {"from": "model", "value": "A3"},
+        ]
+    }
+    assert to_messages(row, "x") == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+        {"role": "assistant", "content": "A2"},
+        {"role": "user", "content": "U3"},
+        {"role": "assistant", "content": "A3"},
+    ]
+
+
+def test_text_parts_are_joined_back_to_back_as_part_list_templates_render_them():
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
+            # As a Parquet or Hub table gives it: every part carries every part type's field, null when unused.
+            {"role": "assistant", "content": [{"type": "text", "text": "2 + 2 = 4", "image": None}]},
+        ]
+    }
+    assert to_messages(row, "x") == [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4"},
+    ]
+
+
+def test_an_image_part_is_an_error_naming_the_row_the_message_and_the_part_type(tmp_path):
+    image_turn = {"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "Cat?"}]}
+    row = {"messages": [MULTI_TURN[1], MULTI_TURN[2], image_turn, {"role": "assistant", "content": "Yes."}]}
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "response": "r"}, row])
+    with pytest.raises(
+        LLMTrainError, match=r"data\.jsonl, line 2: message 3 of 'messages' has a part of type 'image'; only text is"
+    ):
+        load_chat_rows(str(path))
+
+
+def test_sharegpt_tool_turns_get_the_tool_turn_error():
+    for speaker in ("observation", "function_call", "tool"):
+        row = {"conversations": [{"from": "human", "value": "q"}, {"from": speaker, "value": "{}"}]}
+        with pytest.raises(LLMTrainError, match="f.jsonl, line 2: message 2 of 'conversations' is a tool-call"):
+            to_messages(row, "f.jsonl, line 2")
+
+
 def test_a_folder_of_jsonl_json_and_parquet_files_is_read_in_file_order(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p1", "response": "r1"}, ""])  # blank lines are skipped
     (tmp_path / "b.json").write_text(json.dumps([{"instruction": "p2", "input": "", "output": "r2"}]))
@@ -216,7 +280,11 @@ def test_rows_of_unknown_shape_name_file_and_line_and_list_the_accepted_shapes(t
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "message 2 .* empty"),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "no assistant turn"),
         ({"messages": [{"role": "human", "content": "q"}]}, "unknown role 'human'"),
-        ({"messages": [{"role": "user", "content": ["q"]}]}, "has list content; content must be a string"),
+        ({"messages": [{"role": "user", "content": {"text": "q"}}]}, "has dict content; content must be a string or"),
+        ({"messages": [{"role": "user", "content": ["q"]}]}, r"message 1 .* has a content part that is not a text"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]}, "message 2 .* empty"),
+        ({"conversations": [{"from": "narrator", "value": "q"}]}, "unknown role 'narrator'; ShareGPT speakers must"),
+        ({"conversations": [{"from": "human", "text": "q"}]}, "must be an object with 'role' and 'content' .*'from'"),
     ],
 )
 def test_bad_conversations_name_the_row_and_the_fix(row, problem):
@@ -290,6 +358,21 @@ def test_long_examples_are_truncated_while_an_answer_token_survives_and_dropped_
     assert stats.tokens == sum(len(e.input_ids) for e in examples)
     assert stats.trained_tokens == sum(label != IGNORE_INDEX for e in examples for label in e.labels)
     assert "1 truncated" in stats.summary(cut) and "1 dropped" in stats.summary(cut)
+
+
+def test_a_sharegpt_file_goes_through_the_sft_loading_and_tokenization(tok, tmp_path):
+    from llmtrain.config import SftConfig
+    from llmtrain.data.splits import train_and_eval_rows
+
+    sharegpt = str(SAMPLES / "sft_sharegpt.jsonl")
+    cfg = SftConfig(data=sharegpt, eval_data=sharegpt, runs_dir=str(tmp_path))
+    run = Run(tmp_path / "sft", "sft", True)
+    train, _ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    examples, stats = tokenize_dataset(tok, train, max_length=256, source=sharegpt)
+    assert (stats.rows, stats.truncated, stats.dropped, stats.unverified) == (3, 0, 0, 0)
+    trained = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in examples]
+    assert trained == ["45 + 42 = 87<|end|>76 - 47 = 29<|end|>", "75 - 43 = 32<|end|>", "38 + 61 = 99<|end|>"]
+    assert tok.decode(examples[0].input_ids) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
 
 
 # ---------------------------------------------------------------- batches

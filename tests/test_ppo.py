@@ -165,6 +165,14 @@ def test_load_prompts_reads_plain_and_chat_rows_up_to_the_last_user_turn(tmp_pat
         {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
         {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]},
         {"instruction": "Add.", "input": "3 + 4"},
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "C"},
+                {"from": "gpt", "value": "D"},
+            ]
+        },
+        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "P1 "}, {"type": "text", "text": "P2"}]}]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert load_prompts(str(path)) == [
@@ -172,6 +180,8 @@ def test_load_prompts_reads_plain_and_chat_rows_up_to_the_last_user_turn(tmp_pat
         [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
         [{"role": "user", "content": "A"}],
         [{"role": "user", "content": "Add.\n\n3 + 4"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "C"}],
+        [{"role": "user", "content": "P1 P2"}],
     ]
 
 
@@ -185,6 +195,11 @@ def test_load_prompts_reads_plain_and_chat_rows_up_to_the_last_user_turn(tmp_pat
             {"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
             "ends with a 'assistant'",
         ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio", "path": "q.wav"}]}]},
+            r"line 2: message 1 of 'messages' has a part of type 'audio'; only text is trained",
+        ),
+        ({"conversations": [{"from": "gpt", "value": "Hi."}]}, r"line 2: the conversation has no user turn"),
     ],
 )
 def test_bad_prompt_rows_are_named_by_file_and_line(tmp_path, row, message):

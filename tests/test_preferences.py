@@ -117,6 +117,37 @@ def test_answers_may_be_several_assistant_messages_and_the_prompt_may_end_after_
     assert to_pair(row, "x").chosen == [assistant("Hmm."), assistant("4")]
 
 
+def test_ultrafeedback_rows_split_the_repeated_prompt_off_both_conversations():
+    pairs = load_preference_pairs(str(SAMPLES / "prefs_ultrafeedback.jsonl"))
+    assert pairs[0] == PreferencePair(
+        [user("What is 67 - 58?")], [assistant("67 - 58 = 9")], [assistant("67 - 58 = 19")]
+    )
+    assert pairs == load_preference_pairs(str(SAMPLES / "prefs.jsonl"), max_rows=2)
+
+
+def test_with_a_prompt_field_full_conversations_keep_every_shared_turn_in_the_prompt():
+    shared = [{"role": "system", "content": SYSTEM}, user("What is 45 + 42?"), assistant("45 + 42 = 87")]
+    row = {
+        "prompt": "And 76 - 47?",
+        "chosen": [*shared, user("And 76 - 47?"), assistant("76 - 47 = 29")],
+        "rejected": [*shared, user("And 76 - 47?"), assistant("76 - 47 = 31")],
+    }
+    assert to_pair(row, "x") == PreferencePair(
+        [*shared, user("And 76 - 47?")], [assistant("76 - 47 = 29")], [assistant("76 - 47 = 31")]
+    )
+
+
+def test_sharegpt_messages_and_text_parts_are_read_in_preference_rows():
+    row = {
+        "chosen": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"}],
+        "rejected": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "5"}],
+    }
+    assert to_pair(row, "x") == PreferencePair([user("2 + 2?")], [assistant("4")], [assistant("5")])
+    parts = [{"type": "text", "text": "2 + "}, {"type": "text", "text": "2?"}]
+    row = {"prompt": [{"role": "user", "content": parts}], "chosen": "4", "rejected": "5"}
+    assert to_pair(row, "x") == PreferencePair([user("2 + 2?")], [assistant("4")], [assistant("5")])
+
+
 def test_the_large_training_file_loads_with_max_rows():
     pairs = load_preference_pairs(str(REPO_DATA_DIR / "prefs_train.jsonl"), max_rows=5)
     assert len(pairs) == 5
@@ -183,6 +214,33 @@ def test_rows_of_unknown_shape_name_file_and_line_and_list_the_accepted_shapes(t
         ),
         ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}, "unknown role 'human'"),
         ({"prompt": "q", "chosen": [{"role": "gpt", "content": "a"}], "rejected": "b"}, "unknown role 'gpt'"),
+        (
+            {
+                "prompt": "What is 2 + 3?",
+                "chosen": [user("What is 2 + 2?"), assistant("4")],
+                "rejected": [user("What is 2 + 2?"), assistant("5")],
+            },
+            r"'prompt' is not the last user turn that 'chosen' and 'rejected' share \(message 1\)",
+        ),
+        (
+            {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": [user("q"), assistant("a")]},
+            "'chosen' and 'rejected' are identical",
+        ),
+        (
+            {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": [user("r"), assistant("b")]},
+            "'chosen' and 'rejected' share no prompt",
+        ),
+        (
+            {"prompt": [user([{"type": "text", "text": "Cat?"}, {"type": "image"}])], "chosen": "a", "rejected": "b"},
+            "message 1 of 'prompt' has a part of type 'image'; only text is trained",
+        ),
+        (
+            {
+                "chosen": [{"from": "human", "value": "q"}, {"from": "observation", "value": "{}"}],
+                "rejected": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            },
+            "message 2 of 'chosen' is a tool-call or tool-result turn",
+        ),
     ],
 )
 def test_bad_pairs_name_file_line_and_the_fix(tmp_path, row, problem):

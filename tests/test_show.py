@@ -23,6 +23,16 @@ def test_chat_rows_are_shown_with_the_answers_and_end_of_turn_marked(family_mode
     assert "end of turn '<|im_end|>'" in out and "0 dropped" in out
 
 
+def test_sharegpt_rows_are_recognised_as_chat_rows(family_models, capsys):
+    model = str(family_models["qwen2.5"])
+    assert main(["show-data", model, "--data", str(SAMPLES / "sft_sharegpt.jsonl"), "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = out.split("\n\n", 1)[1]  # after the legend
+    marked = [part.split("]]")[0] for part in rows.split("[[")[1:]]
+    assert marked == ["45 + 42 = 87<|im_end|>", "76 - 47 = 29<|im_end|>"]
+    assert "3 conversations -> 3 examples" in out
+
+
 def test_preference_and_prompt_rows_are_recognised_and_counted(family_models, capsys):
     model = str(family_models["gemma2"])
     assert main(["show-data", model, "--data", str(SAMPLES / "prefs.jsonl"), "--rows", "1"]) == 0

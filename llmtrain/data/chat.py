@@ -1,8 +1,9 @@
 """Chat data for supervised fine-tuning: rows -> messages -> masked token examples -> batches.
 
-A row is a prompt/response pair, a `messages` conversation or an Alpaca record; every shape becomes
-one message list. The loss is on assistant tokens only (each assistant turn with its end-of-turn
-token), located in any chat template's rendering and verified by `llmtrain.data.template`. Examples are batched
+A row is a prompt/response pair, a `messages` conversation, a ShareGPT `conversations` list or an
+Alpaca record; every shape becomes one message list of {role, content} with string content. The loss
+is on assistant tokens only (each assistant turn with its end-of-turn token), located in any chat
+template's rendering and verified by `llmtrain.data.template`. Examples are batched
 either padded to the batch's longest example or packed several to a row with restarting
 `position_ids`, which `transformers` turns into a block-diagonal causal mask when the model gets
 no attention mask and no cache (`use_cache=False`).
@@ -29,12 +30,24 @@ from llmtrain.errors import LLMTrainError
 # A data set may lose this share of its conversations to spans that cannot be verified; more is an error.
 MAX_UNVERIFIED_SHARE = 0.02
 ROLES = ("system", "user", "assistant")
+# Speakers whose turns are tool calls or tool results, in the OpenAI, Llama and ShareGPT (LLaMA-Factory) namings.
+TOOL_ROLES = ("tool", "ipython", "function", "function_call", "observation")
+# ShareGPT's `from` names as roles: the original ShareGPT dump names the assistant after the service it came from.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    **dict.fromkeys(("gpt", "assistant", "chatgpt", "bing", "bard", "model"), "assistant"),
+}
+# The keys a row's whole conversation may sit under: the OpenAI/TRL name, then ShareGPT's.
+CONVERSATION_KEYS = ("messages", "conversations")
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 ACCEPTED_SHAPES = (
     'Accepted row shapes: {"prompt": "...", "response": "..."} ("completion" may replace "response", and prompt '
     'and completion may be message lists); {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
-    '"content": "..."}, ...]} with roles system, user and assistant; or Alpaca '
-    '{"instruction": "...", "input": "...", "output": "..."}.'
+    '"content": "..."}, ...]} with roles system, user and assistant, content a string or a list of text parts '
+    '[{"type": "text", "text": "..."}]; ShareGPT {"conversations": [{"from": "human", "value": "..."}, {"from": '
+    '"gpt", "value": "..."}, ...]}; or Alpaca {"instruction": "...", "input": "...", "output": "..."}.'
 )
 
 
@@ -200,11 +213,11 @@ def hub_rows(spec: str, split: str, dataset_config: str | None, max_rows: int | 
 
 
 def to_messages(row: dict, where: str) -> list[dict]:
-    """One row (prompt/response, messages or Alpaca) as a message list; `where` names the row in errors."""
+    """One row (prompt/response, messages, ShareGPT or Alpaca) as a message list; `where` names the row in errors."""
     if not isinstance(row, dict):
         raise LLMTrainError(f"{where}: a row must be a JSON object, found a {type(row).__name__}. {ACCEPTED_SHAPES}")
-    if "messages" in row:
-        messages = message_list(row["messages"], where, "messages")
+    if key := conversation_key(row):
+        messages = message_list(row[key], where, key)
     elif "prompt" in row:
         messages = _prompt_completion(row, where)
     elif "instruction" in row and "output" in row:
@@ -251,34 +264,78 @@ def _alpaca(row: dict, where: str) -> list[dict]:
     ]
 
 
-def message_list(value: Any, where: str, key: str) -> list[dict]:
-    """A row's list of {role, content} messages, checked (roles, text content, no tool turns)."""
+def conversation_key(row: dict) -> str | None:
+    """The key holding the row's whole conversation (`messages`, or ShareGPT's `conversations`), if any. A null
+    value does not count: a Parquet or Hub table that mixes shapes has the column, null, in the other rows."""
+    return next((key for key in CONVERSATION_KEYS if row.get(key) is not None), None)
+
+
+def message_list(value: Any, where: str, key: str, shapes: str = ACCEPTED_SHAPES) -> list[dict]:
+    """A row's list of messages as {role, content}, each checked by `normalized_message`; assistant answers must
+    not be empty. `shapes` is the accepted-shapes text that errors end with."""
     if not isinstance(value, list) or not value:
-        expected = "a non-empty list of messages" if key == "messages" else "a string or a non-empty list of messages"
-        raise LLMTrainError(f"{where}: '{key}' must be {expected}, found {type(value).__name__}. {ACCEPTED_SHAPES}")
-    messages = []
-    for i, message in enumerate(value, 1):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' must be an object with 'role' and 'content'. {ACCEPTED_SHAPES}"
-            )
-        role, content = message["role"], message["content"]
-        if role in ("tool", "ipython", "function") or message.get("tool_calls"):
-            raise LLMTrainError(tool_turn_error(where, i, key))
-        if role not in ROLES:
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' has unknown role {role!r}; roles must be one of "
-                f"{', '.join(ROLES)}. Rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant')."
-            )
-        if not isinstance(content, str):
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' has {type(content).__name__} content; content must be a string "
-                "(multi-part or tool-call content is not supported)."
-            )
-        if role == "assistant":
-            _nonempty_answer(content, where, f"message {i} of '{key}'")
-        messages.append({"role": role, "content": content})
+        expected = (
+            "a non-empty list of messages" if key in CONVERSATION_KEYS else "a string or a non-empty list of messages"
+        )
+        raise LLMTrainError(f"{where}: '{key}' must be {expected}, found {type(value).__name__}. {shapes}")
+    messages = [normalized_message(message, where, i, key, shapes) for i, message in enumerate(value, 1)]
+    for i, message in enumerate(messages, 1):
+        if message["role"] == "assistant":
+            _nonempty_answer(message["content"], where, f"message {i} of '{key}'")
     return messages
+
+
+def normalized_message(message: Any, where: str, i: int, key: str, shapes: str = ACCEPTED_SHAPES) -> dict:
+    """Message `i` of `key` as {role, content} with string content: from OpenAI's {role, content} or ShareGPT's
+    {from, value} (its speaker names mapped to roles), content a string or a list of text parts. Tool turns,
+    unknown roles and non-text parts are errors naming the row and the message."""
+    if isinstance(message, dict) and "role" in message and "content" in message:
+        speaker, content, roles, which = message["role"], message["content"], dict(zip(ROLES, ROLES)), "roles"
+    elif isinstance(message, dict) and "from" in message and "value" in message:
+        speaker, content, roles, which = message["from"], message["value"], SHAREGPT_ROLES, "ShareGPT speakers"
+    else:
+        raise LLMTrainError(
+            f"{where}: message {i} of '{key}' must be an object with 'role' and 'content' (or ShareGPT's 'from' and "
+            f"'value'). {shapes}"
+        )
+    if speaker in TOOL_ROLES or message.get("tool_calls"):
+        raise LLMTrainError(tool_turn_error(where, i, key))
+    if not isinstance(speaker, str) or speaker not in roles:
+        example = "" if roles is SHAREGPT_ROLES else " (e.g. 'human' -> 'user', 'gpt' -> 'assistant')"
+        raise LLMTrainError(
+            f"{where}: message {i} of '{key}' has unknown role {speaker!r}; {which} must be one of "
+            f"{', '.join(roles)}. Rename it{example}."
+        )
+    return {"role": roles[speaker], "content": message_text(content, where, i, key)}
+
+
+def message_text(content: Any, where: str, i: int, key: str) -> str:
+    """A message's content as one string: a string as it is, or a list of text parts joined with nothing between
+    them. Templates that take part lists (Qwen2-VL, Llama 3.2 Vision, Mistral's) write text parts back to back,
+    so the joined string renders as those templates render the parts, and works with text-only templates too."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise LLMTrainError(
+            f"{where}: message {i} of '{key}' has {type(content).__name__} content; content must be a string or a "
+            'list of text parts [{"type": "text", "text": "..."}].'
+        )
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind is not None and kind != "text":
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' has a part of type {kind!r}; only text is trained here. Drop the "
+                "non-text parts (or the row), or train a multimodal model with a toolkit that reads them."
+            )
+        else:
+            raise LLMTrainError(
+                f"{where}: message {i} of '{key}' has a content part that is not a text part "
+                f'{{"type": "text", "text": "..."}} with string text (found {part!r:.80}). Fix it or delete the row.'
+            )
+    return "".join(texts)
 
 
 def tool_turn_error(where: str, i: int, key: str) -> str:

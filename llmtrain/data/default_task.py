@@ -48,11 +48,18 @@ SAMPLE_FILES = (
     "sft_prompt_response.jsonl",
     "sft_messages.jsonl",
     "sft_alpaca.jsonl",
+    "sft_sharegpt.jsonl",
     "prefs.jsonl",
     "prefs_messages.jsonl",
     "prefs_hh.jsonl",
+    "prefs_ultrafeedback.jsonl",
     "prompts.jsonl",
 )
+# The shapes of popular Hub data sets are shown on a few rows of the files above, written again.
+HUB_SHAPE_SFT_ROWS = 3
+HUB_SHAPE_PREFS_ROWS = 2
+# ShareGPT's speaker names for the roles.
+SHAREGPT_SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}
 
 # Share of carry/borrow problems whose SFT training answer drops the carry/borrow.
 SLOPPY_RATE = 0.35
@@ -446,7 +453,11 @@ def _write_samples(out_dir: Path, pool: list[Problem], rng: random.Random) -> in
         out_dir / "sft_prompt_response.jsonl",
         [{"prompt": p.prompt, "response": p.response()} for p in take()],
     )
-    _write_jsonl(out_dir / "sft_messages.jsonl", _message_rows(take()))
+    messages = _message_rows(take())
+    _write_jsonl(out_dir / "sft_messages.jsonl", messages)
+    _write_jsonl(
+        out_dir / "sft_sharegpt.jsonl", [_sharegpt_row(row["messages"]) for row in messages[:HUB_SHAPE_SFT_ROWS]]
+    )
     _write_jsonl(
         out_dir / "sft_alpaca.jsonl",
         [
@@ -472,6 +483,9 @@ def _write_samples(out_dir: Path, pool: list[Problem], rng: random.Random) -> in
         ],
     )
     _write_jsonl(out_dir / "prefs_hh.jsonl", _hh_rows(pairs))
+    _write_jsonl(
+        out_dir / "prefs_ultrafeedback.jsonl", [_ultrafeedback_row(row) for row in pairs[:HUB_SHAPE_PREFS_ROWS]]
+    )
     _write_jsonl(out_dir / "prompts.jsonl", [{"prompt": p.prompt} for p in take()])
     return len(SAMPLE_FILES)
 
@@ -514,6 +528,21 @@ def _hh_rows(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
             prefix = f"\n\nHuman: {earlier['prompt']}\n\nAssistant: {earlier['chosen']}" + prefix
         rows.append({"chosen": f"{prefix} {row['chosen']}", "rejected": f"{prefix} {row['rejected']}"})
     return rows
+
+
+def _sharegpt_row(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """A chat row as ShareGPT data sets ship it (OpenHermes-2.5, SlimOrca): `conversations` of {from, value}."""
+    return {"conversations": [{"from": SHAREGPT_SPEAKERS[m["role"]], "value": m["content"]} for m in messages]}
+
+
+def _ultrafeedback_row(pair: dict[str, str]) -> dict[str, Any]:
+    """A pair as HuggingFaceH4/ultrafeedback_binarized ships it: the prompt, repeated in both full conversations."""
+    question = _msg("user", pair["prompt"])
+    return {
+        "prompt": pair["prompt"],
+        "chosen": [question, _msg("assistant", pair["chosen"])],
+        "rejected": [question, _msg("assistant", pair["rejected"])],
+    }
 
 
 def _msg(role: str, content: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Preference pairs for the reward model and DPO: rows -> (prompt, chosen, rejected) -> token pairs -> batches.
 
 A row is a prompt with two answers (strings or TRL's message lists) or two full conversations
-(message lists or HH-RLHF text) that share the prompt and are split at their longest common prefix.
+(message lists or HH-RLHF text) that share the prompt and are split at their longest common prefix;
+a `prompt` field beside full conversations (UltraFeedback's shape) must be their last shared user turn.
 Each side is rendered with the chat template as prompt + answer and labelled on the answer's
 assistant tokens only (end-of-turn included), so `sequence_logprobs` sums exactly what DPO compares.
 """
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 
 from llmtrain.data.chat import (
-    ROLES,
     BadRows,
     Example,
     check_verified,
@@ -25,7 +25,7 @@ from llmtrain.data.chat import (
     convert_rows,
     hub_rows,
     local_rows,
-    tool_turn_error,
+    normalized_message,
 )
 from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
@@ -35,7 +35,9 @@ PREFERENCE_SHAPES = (
     'Accepted preference shapes: {"prompt": "...", "chosen": "...", "rejected": "..."}; the same with message lists '
     '({"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", "content": "..."}], '
     '"rejected": [...]}); two full conversations that share the prompt {"chosen": [messages], "rejected": '
-    '[messages]}; or HH-RLHF text {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}.'
+    '[messages]}, with or without a "prompt" that repeats their last shared user turn (UltraFeedback); or HH-RLHF '
+    'text {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}. Messages may also be ShareGPT '
+    '{"from": "human"|"gpt", "value": "..."}, and content a list of text parts.'
 )
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -76,15 +78,22 @@ def to_pair(row: dict, where: str) -> PreferencePair:
             f"{where}: the row has no {' and no '.join(map(repr, missing))} (keys: {keys}). {PREFERENCE_SHAPES}"
         )
     # A Parquet or Hub table may carry a `prompt` column that is null for this row: then the sides hold it.
-    if row.get("prompt") is not None:
-        pair = PreferencePair(
-            _prompt(row["prompt"], where),
-            _answer(row["chosen"], where, "chosen"),
-            _answer(row["rejected"], where, "rejected"),
-        )
-        _check_different(pair.chosen, pair.rejected, where)
+    if row.get("prompt") is None:
+        return _split_at_shared_prefix(*_conversations(row["chosen"], row["rejected"], where), where)
+    prompt = _prompt(row["prompt"], where)
+    chosen, rejected = _side(row["chosen"], where, "chosen"), _side(row["rejected"], where, "rejected")
+    if _holds_prompt_turns(chosen) and _holds_prompt_turns(rejected):
+        # UltraFeedback's shape (HuggingFaceH4/ultrafeedback_binarized): both sides repeat the prompt in full.
+        pair = _split_at_shared_prefix(chosen, rejected, where)
+        _check_prompt_repeated(prompt, pair.prompt, where)
         return pair
-    return _split_conversations(row["chosen"], row["rejected"], where)
+    pair = PreferencePair(
+        prompt,
+        _answer(chosen, where, "chosen", isinstance(row["chosen"], list)),
+        _answer(rejected, where, "rejected", isinstance(row["rejected"], list)),
+    )
+    _check_different(pair.chosen, pair.rejected, where)
+    return pair
 
 
 def _prompt(value: Any, where: str) -> list[dict]:
@@ -97,17 +106,44 @@ def _prompt(value: Any, where: str) -> list[dict]:
     return messages
 
 
-def _answer(value: Any, where: str, key: str) -> list[dict]:
-    messages = [{"role": "assistant", "content": value}] if isinstance(value, str) else _messages(value, where, key)
+def _side(value: Any, where: str, key: str) -> list[dict]:
+    """'chosen' or 'rejected' beside a 'prompt' field: an answer string, or a message list."""
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else _messages(value, where, key)
+
+
+def _holds_prompt_turns(messages: list[dict]) -> bool:
+    return any(m["role"] != "assistant" for m in messages)
+
+
+def _answer(messages: list[dict], where: str, key: str, listed: bool) -> list[dict]:
+    """The side's messages, checked to be the assistant's answer only, none empty; `listed`: given as a list."""
     for i, message in enumerate(messages, 1):
         if message["role"] != "assistant":
             raise LLMTrainError(
                 f"{where}: message {i} of '{key}' is a '{message['role']}' turn, but with a 'prompt' field "
-                f"'{key}' must hold only the assistant's answer. Move earlier turns into 'prompt', or drop 'prompt' "
-                "and give full conversations in 'chosen' and 'rejected'."
+                f"'{key}' must hold only the assistant's answer, unless 'chosen' and 'rejected' are both full "
+                "conversations that repeat the prompt (as in UltraFeedback). Move earlier turns into 'prompt', or give "
+                "full conversations on both sides."
             )
-        _nonempty(message["content"], where, f"message {i} of '{key}'" if isinstance(value, list) else f"'{key}'")
+        _nonempty(message["content"], where, f"message {i} of '{key}'" if listed else f"'{key}'")
     return messages
+
+
+def _check_prompt_repeated(prompt: list[dict], shared: list[dict], where: str) -> None:
+    """With full conversations on both sides, the `prompt` field must ask what they ask: its last user turn is
+    their last shared user turn (outer whitespace aside). Otherwise the row mixes up two questions."""
+    asked, repeated = _last_user_turn(prompt), _last_user_turn(shared)
+    if asked is None or repeated is None or prompt[asked]["content"].strip() != shared[repeated]["content"].strip():
+        which = f"message {repeated + 1}" if repeated is not None else "none: they share no user turn"
+        raise LLMTrainError(
+            f"{where}: 'prompt' is not the last user turn that 'chosen' and 'rejected' share ({which}). With full "
+            "conversations on both sides, 'prompt' must repeat their question word for word; fix the row, or drop "
+            "'prompt' (the conversations hold it)."
+        )
+
+
+def _last_user_turn(messages: list[dict]) -> int | None:
+    return next((i for i in reversed(range(len(messages))) if messages[i]["role"] == "user"), None)
 
 
 def _messages(value: Any, where: str, key: str) -> list[dict]:
@@ -116,27 +152,7 @@ def _messages(value: Any, where: str, key: str) -> list[dict]:
             f"{where}: '{key}' must be a string or a non-empty list of messages, found {type(value).__name__}. "
             f"{PREFERENCE_SHAPES}"
         )
-    messages = []
-    for i, message in enumerate(value, 1):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' must be an object with 'role' and 'content'. {PREFERENCE_SHAPES}"
-            )
-        role, content = message["role"], message["content"]
-        if role in ("tool", "ipython", "function") or message.get("tool_calls"):
-            raise LLMTrainError(tool_turn_error(where, i, key))
-        if role not in ROLES:
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' has unknown role {role!r}; roles must be one of "
-                f"{', '.join(ROLES)}. Rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant')."
-            )
-        if not isinstance(content, str):
-            raise LLMTrainError(
-                f"{where}: message {i} of '{key}' has {type(content).__name__} content; content must be a string "
-                "(multi-part or tool-call content is not supported)."
-            )
-        messages.append({"role": role, "content": content})
-    return messages
+    return [normalized_message(message, where, i, key, PREFERENCE_SHAPES) for i, message in enumerate(value, 1)]
 
 
 def _nonempty(text: Any, where: str, what: str) -> None:
@@ -156,17 +172,21 @@ def _check_different(chosen: list[dict], rejected: list[dict], where: str) -> No
         )
 
 
-def _split_conversations(chosen_value: Any, rejected_value: Any, where: str) -> PreferencePair:
+def _conversations(chosen_value: Any, rejected_value: Any, where: str) -> tuple[list[dict], list[dict]]:
+    """Both sides as full conversations, both message lists or both HH-RLHF text."""
     if isinstance(chosen_value, str) and isinstance(rejected_value, str):
-        chosen, rejected = _hh_messages(chosen_value, where, "chosen"), _hh_messages(rejected_value, where, "rejected")
-    elif isinstance(chosen_value, list) and isinstance(rejected_value, list):
-        chosen, rejected = _messages(chosen_value, where, "chosen"), _messages(rejected_value, where, "rejected")
-    else:
-        raise LLMTrainError(
-            f"{where}: without a 'prompt', 'chosen' and 'rejected' must both be full conversations, both as message "
-            f"lists or both as HH-RLHF text; found {type(chosen_value).__name__} and {type(rejected_value).__name__}. "
-            f"{PREFERENCE_SHAPES}"
-        )
+        return _hh_messages(chosen_value, where, "chosen"), _hh_messages(rejected_value, where, "rejected")
+    if isinstance(chosen_value, list) and isinstance(rejected_value, list):
+        return _messages(chosen_value, where, "chosen"), _messages(rejected_value, where, "rejected")
+    raise LLMTrainError(
+        f"{where}: without a 'prompt', 'chosen' and 'rejected' must both be full conversations, both as message "
+        f"lists or both as HH-RLHF text; found {type(chosen_value).__name__} and {type(rejected_value).__name__}. "
+        f"{PREFERENCE_SHAPES}"
+    )
+
+
+def _split_at_shared_prefix(chosen: list[dict], rejected: list[dict], where: str) -> PreferencePair:
+    """Two full conversations as the prompt they share word for word and the two assistant answers after it."""
     _check_different(chosen, rejected, where)
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:

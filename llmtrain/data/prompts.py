@@ -1,8 +1,9 @@
 """Prompts for RL: rows -> the conversation the policy answers -> token ids ready for generation.
 
 A row is a plain prompt (`{"prompt": "..."}`), a prompt as a message list, a chat conversation
-(`{"messages": [...]}`, answered after its last user turn; later turns are dropped, so SFT data
-works as prompt data too) or an Alpaca record (`{"instruction", "input"}`). Other keys are ignored.
+(`{"messages": [...]}` or ShareGPT's `{"conversations": [...]}`, answered after its last user turn;
+later turns are dropped, so SFT data works as prompt data too) or an Alpaca record
+(`{"instruction", "input"}`). Other keys are ignored.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtrain.data.chat import BadRows, convert_rows, hub_rows, local_rows, message_list
+from llmtrain.data.chat import BadRows, conversation_key, convert_rows, hub_rows, local_rows, message_list
 from llmtrain.data.prepare import SKIPPED, prepare_columns, raise_first_error
 from llmtrain.data.template import chat_format
 from llmtrain.errors import LLMTrainError
 
 PROMPT_SHAPES = (
     'Accepted prompt rows: {"prompt": "..."}; {"prompt": [{"role": "system"|"user", "content": "..."}, ...]} ending '
-    'with a user turn; {"messages": [...]} (the conversation up to its last user turn); or Alpaca '
-    '{"instruction": "...", "input": "..."}.'
+    'with a user turn; {"messages": [...]} or ShareGPT {"conversations": [{"from": "human", "value": "..."}, ...]} '
+    '(the conversation up to its last user turn); or Alpaca {"instruction": "...", "input": "..."}.'
 )
 
 
@@ -42,10 +43,12 @@ def to_prompt(row: Any, where: str) -> list[dict]:
     if row.get("prompt") is not None:
         value = row["prompt"]
         messages = (
-            [{"role": "user", "content": value}] if isinstance(value, str) else message_list(value, where, "prompt")
+            [{"role": "user", "content": value}]
+            if isinstance(value, str)
+            else message_list(value, where, "prompt", PROMPT_SHAPES)
         )
-    elif row.get("messages") is not None:
-        messages = message_list(row["messages"], where, "messages")
+    elif key := conversation_key(row):
+        messages = message_list(row[key], where, key, PROMPT_SHAPES)
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise LLMTrainError(f"{where}: the conversation has no user turn, so there is nothing to answer.")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from itertools import islice
 
-from llmtrain.data.chat import ACCEPTED_SHAPES, TokenizeStats, hub_rows, local_rows, to_messages, tokenize_chat
+from llmtrain.data.chat import (
+    ACCEPTED_SHAPES,
+    CONVERSATION_KEYS,
+    TokenizeStats,
+    hub_rows,
+    local_rows,
+    to_messages,
+    tokenize_chat,
+)
 from llmtrain.data.preferences import PairStats, to_pair, tokenize_pairs
 from llmtrain.data.prompts import to_prompt, tokenize_prompts
 from llmtrain.data.template import IGNORE_INDEX, chat_format
@@ -59,7 +67,7 @@ def show_data(tokenizer, spec: str, kind: str = "auto", rows: int = 3, max_rows:
 def _kind(row) -> str:
     if isinstance(row, dict) and "chosen" in row:
         return "pairs"
-    if isinstance(row, dict) and any(k in row for k in ("response", "completion", "output", "messages")):
+    if isinstance(row, dict) and any(k in row for k in ("response", "completion", "output", *CONVERSATION_KEYS)):
         return "sft"
     return "prompts"
 
