@@ -9,6 +9,7 @@ report of what finished (the libraries' own output goes to <out>/gpu_check.log):
            the next stages from that run on the embedded task, a few dozen steps each: tokens/s, peak memory,
            loss finite and falling (PPO: the value loss);
   resume   SIGTERM during a pretraining run, then `resume=True`: the same loss curve as an uninterrupted run;
+  sft_gc   the sft part again with `gradient_checkpointing=True`: its peak memory and tokens/s against sft's;
   compile  the eager part's throughput with `compile=True`.
 Nothing is downloaded (HF_HUB_OFFLINE=1): the embedded corpus and task files are the data.
 
@@ -102,9 +103,11 @@ from llmtrain.stages import pretrain  # noqa: E402
 from llmtrain.tokenizer import load_tokenizer  # noqa: E402
 
 SEED = 1337
-PARTS = ("eager", "sft", "reward", "dpo", "ppo", "resume", "compile")
-NEEDS = {"sft": ["pretrain"], "reward": ["sft"], "dpo": ["sft", "reward"], "ppo": ["sft", "reward"]}
+PARTS = ("eager", "sft", "reward", "dpo", "ppo", "resume", "sft_gc", "compile")
+NEEDS = {"sft": ["pretrain"], "reward": ["sft"], "dpo": ["sft", "reward"], "ppo": ["sft", "reward"], "sft_gc": ["sft"]}
 LOSS = {"pretrain": "train_loss", "sft": "train_loss", "reward": "train_loss", "dpo": "train_loss", "ppo": "value_loss"}
+LOSS["sft_gc"] = LOSS["sft"]
+STAGE_OF = {"sft_gc": "sft"}  # a part that reruns a stage with another setting: the stage it runs
 EXTRA = {"reward": ["train_accuracy"], "dpo": ["margin", "nll"], "ppo": ["reward_mean", "kl", "rollout_tokens_per_s"]}
 BF16_ULP = 2**-8  # the relative spacing of bfloat16 numbers near 1: the resume check's tolerance in bf16
 # Each stage's config class and the runs it starts from (and the defaults the check changes).
@@ -113,6 +116,7 @@ STAGE_CONFIGS = {
     "reward": (RewardConfig, dict(init="sft", warmup_steps=5)),
     "dpo": (DpoConfig, dict(init="sft", judge="reward", warmup_steps=5, num_samples=0)),
     "ppo": (PpoConfig, dict(init="sft", reward_model="reward", num_samples=0)),
+    "sft_gc": (SftConfig, dict(init="pretrain", warmup_steps=5, num_samples=0, gradient_checkpointing=True)),
 }
 
 
@@ -151,7 +155,7 @@ GPU = Sizes(
         "dpo": dict(max_length=128, batch_size=16, lr=1e-5, max_steps=30, task_eval_rows=64),
         "ppo": dict(batch_size=64, lr=3e-6, value_lr=3e-5, max_steps=20, task_eval_rows=64, sample_every=0),
     },
-    estimate_s={"eager": 45, "sft": 40, "reward": 30, "dpo": 45, "ppo": 60, "resume": 50, "compile": 120},
+    estimate_s={"eager": 45, "sft": 40, "reward": 30, "dpo": 45, "ppo": 60, "sft_gc": 45, "resume": 50, "compile": 120},
 )
 TINY = Sizes(
     preset="gpt-nano",
@@ -362,12 +366,12 @@ def stage_config(stage: str, sz: Sizes, work: Path):
         save_every=0,
         log_every=1,
         **links,
-        **sz.stages[stage],
+        **sz.stages[STAGE_OF.get(stage, stage)],
     )
 
 
 def train_stage(stage: str, sz: Sizes, work: Path, device: torch.device) -> dict[str, Any]:
-    module = importlib.import_module(f"llmtrain.stages.{stage}")
+    module = importlib.import_module(f"llmtrain.stages.{STAGE_OF.get(stage, stage)}")
     cfg = stage_config(stage, sz, work)
     fresh_start(device)
     t0 = time.perf_counter()
@@ -499,7 +503,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
     stages = [
         s
-        for s in ("pretrain", "sft", "reward", "dpo", "ppo")
+        for s in ("pretrain", "sft", "reward", "dpo", "ppo", "sft_gc")
         if parts.get(s, {}).get("status") in ("ok", "check failed")
     ]
     if stages:
@@ -525,6 +529,15 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         if extra:
             lines += ["", "First and last logged values: " + "; ".join(extra) + "."]
+        if "sft" in stages and "sft_gc" in stages:
+            plain, gc = parts["sft"], parts["sft_gc"]
+            lines += [
+                "",
+                f"Gradient checkpointing (sft_gc = sft with `gradient_checkpointing=True`): peak memory "
+                f"{plain['peak_memory_mib']:,.0f} -> {gc['peak_memory_mib']:,.0f} MiB, tokens/s "
+                f"{plain['tokens_per_s']:,.0f} -> {gc['tokens_per_s']:,.0f} "
+                f"({gc['tokens_per_s'] / plain['tokens_per_s']:.2f}x).",
+            ]
     r = parts.get("resume", {})
     if r.get("status") in ("ok", "check failed"):
         lines += [

@@ -20,14 +20,16 @@ def finite(*values) -> bool:
 def test_tiny_run_reports_every_part_with_finite_figures(tmp_path):
     out = tmp_path / "report"
     # Every part but compile, which is the eager part's code with compile=True and takes ~20 s more on a CPU.
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--parts", "eager,sft,reward,dpo,ppo,resume"]
+    parts = "eager,sft,reward,dpo,ppo,resume,sft_gc"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--parts", parts]
     result = subprocess.run(cmd, env=env_for(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     header, parts = report["header"], report["parts"]
     assert header["device"] == "cpu" and "--tiny" in header["command"]
     assert {"torch", "transformers", "datasets"} <= set(header["versions"])
-    assert {name: p["status"] for name, p in parts.items()} == dict.fromkeys(["eager", *STAGES, "resume"], "ok")
+    ran = ["eager", *STAGES, "resume", "sft_gc"]
+    assert {name: p["status"] for name, p in parts.items()} == dict.fromkeys(ran, "ok")
 
     eager = parts["eager"]
     for side in ("library_loop", "bare_loop"):
@@ -52,6 +54,7 @@ def test_tiny_run_reports_every_part_with_finite_figures(tmp_path):
     for stage in STAGES:
         assert f"| {stage} | {parts[stage]['steps']} |" in markdown
     assert "## SIGTERM and resume" in markdown and "same curve." in markdown
+    assert f"| sft_gc | {parts['sft']['steps']} |" in markdown and "Gradient checkpointing (sft_gc" in markdown
     assert "Resuming interrupted from step" in (out / "gpu_check.log").read_text()
 
 
