@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from families import FAMILIES
+from helpers import logged
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 from llmtrain.cli import main
@@ -100,6 +101,8 @@ def test_a_real_family_goes_through_every_stage_with_its_template_as_shipped(
             **data(task_files, "prefs"),
         )
     )
+    # Dropout off in the policy (GPT-2's is 0.1): before the first step it scores exactly as its reference does.
+    assert logged(dpo_dir)[1]["margin"] == pytest.approx(0.0, abs=1e-6)
     if adapter:
         from peft import AutoPeftModelForCausalLM
 

@@ -25,7 +25,7 @@ from llmtrain.distributed import micro_step, prepare_frozen, process_share
 from llmtrain.evaluate import evaluate_answers, resolve_checker, win_rate
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.losses import dpo_loss
-from llmtrain.models import load_causal_lm, load_policy, save_policy
+from llmtrain.models import disable_dropout, load_causal_lm, load_policy, save_policy
 from llmtrain.registry import resolve_judge
 from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
@@ -49,6 +49,7 @@ def run(cfg: DpoConfig) -> Path:
     # ---- the policy (and LoRA)
     tokenizer = load_tokenizer(init.path, cfg.chat_template)
     model = load_policy(init, tokenizer, cfg, accelerator)
+    disable_dropout(model)  # as TRL does: policy and reference score alike, so the first loss is exactly log 2
 
     # ---- the pairs
     train_pairs, eval_pairs = train_and_eval_rows(

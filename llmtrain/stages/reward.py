@@ -21,7 +21,7 @@ from llmtrain.distributed import micro_step, process_share
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
 from llmtrain.losses import bradley_terry_loss
-from llmtrain.models import check_positions, load_reward_model, save_reward_model
+from llmtrain.models import check_positions, disable_dropout, load_reward_model, save_reward_model
 from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
 
@@ -46,6 +46,7 @@ def run(cfg: RewardConfig) -> Path:
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     if cfg.lora:
         model = add_lora(model, cfg, "SEQ_CLS", accelerator)  # SEQ_CLS keeps the new score head trainable
+    disable_dropout(model)  # as TRL does: the two answers of a pair are scored by one function, not two samples
 
     # ---- data
     train_pairs, eval_pairs = train_and_eval_rows(
