@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import few_steps_config, logged, stage_runners
 from transformers import AutoModelForCausalLM
 
 from llmtrain.data.chat import (
@@ -15,6 +16,7 @@ from llmtrain.data.chat import (
     collate_padded,
     load_chat_rows,
     masked_lm_loss,
+    over_positions,
     pack_examples,
     to_messages,
     tokenize_chat,
@@ -414,6 +416,71 @@ def test_masked_loss_is_transformers_shifted_loss_summed_with_its_token_count(to
     total, count = masked_lm_loss(out.logits, batch["labels"])
     assert count == sum(label != IGNORE_INDEX for e in examples for label in e.labels)
     torch.testing.assert_close(total / count, out.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("what", ["cross entropy", "token log-probabilities"])
+def test_a_large_vocabulary_loss_in_chunks_keeps_only_the_logits_for_backward_with_the_same_values(what):
+    """Above a size, vocabulary-wide functions run over chunks of positions, recomputed in the backward pass: the
+    memory kept for backward beside the logits is then a few bytes per position instead of 4 per position and
+    vocabulary entry (the fp32 log-softmax); every value and gradient is the same."""
+    from llmtrain.data.chat import _cross_entropy
+    from llmtrain.data.preferences import _token_logprobs
+
+    fn = {"cross entropy": _cross_entropy, "token log-probabilities": _token_logprobs}[what]
+    torch.manual_seed(0)
+    vocab = 1000
+    logits = torch.randn(2, 64, vocab).bfloat16().requires_grad_()  # as a model gives them under bf16 autocast
+    targets = torch.randint(0, vocab, (2, 64))
+    if fn is _cross_entropy:
+        targets[:, :10] = IGNORE_INDEX  # prompt tokens
+
+    def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        kept: dict[int, int] = {}  # storages saved for backward, other than the logits' own
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() != logits.untyped_storage().data_ptr():
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            values = over_positions(fn, logits, targets, chunk=chunk)
+        (grad,) = torch.autograd.grad(values.sum(), logits)
+        return values.detach(), grad, sum(kept.values())
+
+    whole, grad_whole, kept_whole = run(chunk=1 << 30)
+    chunked, grad_chunked, kept_chunked = run(chunk=16 * vocab)  # 16 positions at a time: 8 chunks
+    assert torch.equal(chunked, whole) and torch.equal(grad_chunked, grad_whole)
+    assert kept_whole >= 2 * 64 * vocab * 4  # the fp32 log-softmax (or its exp) of every position
+    assert kept_chunked <= 2 * 64 * 16  # the targets, a few bytes per position
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_stage_whose_vocabulary_loss_goes_in_chunks_follows_the_same_curve(
+    stage, request, held_out, one_thread, monkeypatch
+):
+    import torch.utils.checkpoint
+
+    from llmtrain.data import chat
+
+    calls, checkpoint = [0], torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    runs = {}
+    for chunked in (False, True):
+        if chunked:
+            monkeypatch.setattr(chat, "VOCAB_CHUNK_ELEMENTS", 4096)  # a few positions of the tiny vocabulary
+        config = few_steps_config(stage, request, held_out, run_name=f"{stage}-chunk{chunked}")
+        runs[chunked] = stage_runners()[stage](config)
+        assert (calls[0] > 0) == chunked
+    # The same bits: each position's value and gradient are computed alike, and summed in the same order.
+    assert logged(runs[True]).keys() == logged(runs[False]).keys()
+    for step, line in logged(runs[False]).items():
+        assert logged(runs[True])[step]["train_loss"] == line["train_loss"], step
 
 
 def test_packed_batch_loss_equals_the_examples_run_one_by_one(tok, sample_chats, nano_model):

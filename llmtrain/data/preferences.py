@@ -26,6 +26,7 @@ from llmtrain.data.chat import (
     hub_rows,
     local_rows,
     normalized_message,
+    over_positions,
 )
 from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
@@ -389,8 +390,12 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torc
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence sum [N] of the log-probabilities of the labelled tokens (logits at t predict labels at t + 1)."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    mask = targets != IGNORE_INDEX
+    targets = labels[:, 1:]
+    picked = over_positions(_token_logprobs, logits[:, :-1], targets.clamp(min=0))
+    return torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(-1)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
     # Gather minus logsumexp avoids a second vocabulary-sized tensor that log_softmax would allocate.
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return torch.where(mask, picked, 0.0).sum(-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
