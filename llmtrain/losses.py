@@ -1,4 +1,5 @@
-"""Preference losses, written once and tested against hand-computed values before any loop uses them.
+"""Preference losses, written once and tested against hand-computed values before any loop uses them, and the one
+way vocabulary-wide functions of a large batch of logits are computed (`over_positions`).
 
 Log-probabilities are summed over the response tokens of each sequence (per example, shape [B]). The losses
 compute in fp32 whatever the autocast: a bf16 input (a score straight from a model) is widened first.
@@ -63,3 +64,33 @@ def bradley_terry_loss(
 ) -> torch.Tensor:
     """Reward-model loss: -log sigmoid(r(y_w) - r(y_l) - margin), averaged over the batch."""
     return -F.logsigmoid(chosen_scores.float() - rejected_scores.float() - margin).mean()
+
+
+# Positions x vocabulary entries that a vocabulary-wide function computes at once (256 MiB in fp32); a larger input
+# is split into chunks of positions.
+VOCAB_CHUNK_ELEMENTS = 1 << 26
+
+
+def over_positions(fn, logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """fn(logits, targets) -> one value per position, [B, T], for a function that works on each position's row of
+    the vocabulary alone (cross entropy, a token's log-probability). A large input goes in chunks of positions, each
+    under non-reentrant checkpointing: the backward pass recomputes a chunk's fp32 copy and log-softmax instead of
+    keeping them, which with a 150k-token vocabulary would be 8 bytes per position and vocabulary entry beside the
+    logits. Each position's value and gradient are the same either way."""
+    chunk = chunk or VOCAB_CHUNK_ELEMENTS
+    if logits.numel() <= chunk:
+        return fn(logits, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    rows = max(1, chunk // logits.size(-1))
+    return torch.stack(
+        [
+            torch.cat(
+                [
+                    checkpoint(fn, logits[b, t : t + rows], targets[b, t : t + rows], use_reentrant=False)
+                    for t in range(0, logits.size(1), rows)
+                ]
+            )
+            for b in range(logits.size(0))
+        ]
+    )

@@ -15,11 +15,14 @@ are widened first, and log-probabilities are taken from the logits in fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmtrain.losses import over_positions
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -189,6 +192,10 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
     """log softmax(logits / temperature) at `tokens`, in fp32: the log-probability the sampler gave each token."""
     # log_softmax, not the picked logit minus logsumexp: the same in exact arithmetic, and logsumexp allocates a
     # vocabulary-sized temporary too; the two round differently, and PPO's sampled trajectory follows the bits.
+    return over_positions(functools.partial(_logprobs_at, temperature=temperature), logits, tokens)
+
+
+def _logprobs_at(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     logp = F.log_softmax(fp32(logits) / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 

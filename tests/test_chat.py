@@ -16,7 +16,6 @@ from llmtrain.data.chat import (
     collate_padded,
     load_chat_rows,
     masked_lm_loss,
-    over_positions,
     pack_examples,
     to_messages,
     tokenize_chat,
@@ -24,6 +23,7 @@ from llmtrain.data.chat import (
 )
 from llmtrain.data.corpus import REPO_DATA_DIR
 from llmtrain.errors import LLMTrainError
+from llmtrain.losses import over_positions
 from llmtrain.registry import preset_config
 from llmtrain.run_dir import Run
 from llmtrain.tokenizer import CHAT_TEMPLATE, train_tokenizer
@@ -418,15 +418,22 @@ def test_masked_loss_is_transformers_shifted_loss_summed_with_its_token_count(to
     torch.testing.assert_close(total / count, out.loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("what", ["cross entropy", "token log-probabilities"])
+@pytest.mark.parametrize("what", ["cross entropy", "token log-probabilities", "sampler's log-probabilities"])
 def test_a_large_vocabulary_loss_in_chunks_keeps_only_the_logits_for_backward_with_the_same_values(what):
     """Above a size, vocabulary-wide functions run over chunks of positions, recomputed in the backward pass: the
     memory kept for backward beside the logits is then a few bytes per position instead of 4 per position and
     vocabulary entry (the fp32 log-softmax); every value and gradient is the same."""
+    import functools
+
     from llmtrain.data.chat import _cross_entropy
     from llmtrain.data.preferences import _token_logprobs
+    from llmtrain.rl import _logprobs_at
 
-    fn = {"cross entropy": _cross_entropy, "token log-probabilities": _token_logprobs}[what]
+    fn = {
+        "cross entropy": _cross_entropy,  # SFT
+        "token log-probabilities": _token_logprobs,  # DPO
+        "sampler's log-probabilities": functools.partial(_logprobs_at, temperature=0.7),  # PPO
+    }[what]
     torch.manual_seed(0)
     vocab = 1000
     logits = torch.randn(2, 64, vocab).bfloat16().requires_grad_()  # as a model gives them under bf16 autocast
@@ -455,13 +462,13 @@ def test_a_large_vocabulary_loss_in_chunks_keeps_only_the_logits_for_backward_wi
     assert kept_chunked <= 2 * 64 * 16  # the targets, a few bytes per position
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
 def test_a_stage_whose_vocabulary_loss_goes_in_chunks_follows_the_same_curve(
     stage, request, held_out, one_thread, monkeypatch
 ):
     import torch.utils.checkpoint
 
-    from llmtrain.data import chat
+    from llmtrain import losses
 
     calls, checkpoint = [0], torch.utils.checkpoint.checkpoint
 
@@ -473,14 +480,15 @@ def test_a_stage_whose_vocabulary_loss_goes_in_chunks_follows_the_same_curve(
     runs = {}
     for chunked in (False, True):
         if chunked:
-            monkeypatch.setattr(chat, "VOCAB_CHUNK_ELEMENTS", 4096)  # a few positions of the tiny vocabulary
+            monkeypatch.setattr(losses, "VOCAB_CHUNK_ELEMENTS", 4096)  # a few positions of the tiny vocabulary
         config = few_steps_config(stage, request, held_out, run_name=f"{stage}-chunk{chunked}")
         runs[chunked] = stage_runners()[stage](config)
         assert (calls[0] > 0) == chunked
     # The same bits: each position's value and gradient are computed alike, and summed in the same order.
     assert logged(runs[True]).keys() == logged(runs[False]).keys()
     for step, line in logged(runs[False]).items():
-        assert logged(runs[True])[step]["train_loss"] == line["train_loss"], step
+        for key in ("train_loss", "policy_loss", "value_loss", "reward_mean", "kl"):
+            assert logged(runs[True])[step].get(key) == line.get(key), (step, key)
 
 
 def test_packed_batch_loss_equals_the_examples_run_one_by_one(tok, sample_chats, nano_model):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
+from llmtrain.losses import over_positions
 
 # A data set may lose this share of its conversations to spans that cannot be verified; more is an error.
 MAX_UNVERIFIED_SHARE = 0.02
@@ -574,33 +575,3 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     flat = logits.float().reshape(-1, logits.size(-1))
     return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-
-
-# Positions x vocabulary entries that a vocabulary-wide function computes at once (256 MiB in fp32); a larger input
-# is split into chunks of positions.
-VOCAB_CHUNK_ELEMENTS = 1 << 26
-
-
-def over_positions(fn, logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """fn(logits, targets) -> one value per position, [B, T], for a function that works on each position's row of
-    the vocabulary alone (cross entropy, a token's log-probability). A large input goes in chunks of positions, each
-    under non-reentrant checkpointing: the backward pass recomputes a chunk's fp32 copy and log-softmax instead of
-    keeping them, which with a 150k-token vocabulary would be 8 bytes per position and vocabulary entry beside the
-    logits. Each position's value and gradient are the same either way."""
-    chunk = chunk or VOCAB_CHUNK_ELEMENTS
-    if logits.numel() <= chunk:
-        return fn(logits, targets)
-    from torch.utils.checkpoint import checkpoint
-
-    rows = max(1, chunk // logits.size(-1))
-    return torch.stack(
-        [
-            torch.cat(
-                [
-                    checkpoint(fn, logits[b, t : t + rows], targets[b, t : t + rows], use_reentrant=False)
-                    for t in range(0, logits.size(1), rows)
-                ]
-            )
-            for b in range(logits.size(0))
-        ]
-    )

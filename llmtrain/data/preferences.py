@@ -26,11 +26,11 @@ from llmtrain.data.chat import (
     hub_rows,
     local_rows,
     normalized_message,
-    over_positions,
 )
 from llmtrain.data.prepare import SKIPPED, add_row_stats, gc_paused, prepare_columns, raise_first_error, stats_schema
 from llmtrain.data.template import IGNORE_INDEX, Unverifiable, chat_format
 from llmtrain.errors import LLMTrainError
+from llmtrain.losses import over_positions
 
 PREFERENCE_SHAPES = (
     'Accepted preference shapes: {"prompt": "...", "chosen": "...", "rejected": "..."}; the same with message lists '
