@@ -187,7 +187,7 @@ def fit_line(
     with loop.training():
         for _ in loop.steps():
             loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
+            accelerator.backward(loss)
             if loop.step + 1 in nan_grads_at:  # an overflow in the backward pass
                 model.weight.grad[0, 0] = float("nan")
             loop.optimizer_step()

@@ -2,6 +2,7 @@
 
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,3 +166,23 @@ def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before
     assert "Skipping checkpoint step-0000006" in out and "model.safetensors" in out
     assert "Resuming fit from step 4" in out
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+
+
+def test_under_fp16_the_loss_scaler_skips_overflowing_steps_and_the_run_goes_on(tmp_path, monkeypatch):
+    """On a GPU, fp16 gives the accelerator a GradScaler: its first steps often overflow, and it skips them and
+    lowers its scale. The same here with the CPU's GradScaler."""
+    import llmtrain.runtime
+
+    make, scalers = llmtrain.runtime.make_accelerator, []
+
+    def with_a_loss_scaler(cfg):
+        accelerator = make(replace(cfg, mixed_precision="fp16"))
+        accelerator.native_amp = True  # what fp16 on a GPU sets up, with a GradScaler
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(llmtrain.runtime, "make_accelerator", with_a_loss_scaler)
+    run, model = fit_line(tmp_path, nan_grads_at=(3, 6))
+    assert read_manifest(run.path)["status"] == "finished" and torch.isfinite(model.weight).all()
+    assert scalers[0].get_scale() < 1.0  # it saw the two overflows, skipped those steps and lowered its scale
