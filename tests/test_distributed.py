@@ -143,7 +143,9 @@ def test_sft_under_zero3_with_gradient_checkpointing_matches_one_process_without
 
 @pytest.mark.slow
 def test_sft_under_fsdp2_through_a_sharded_checkpoint_matches_one_process(tmp_path, sft_args, sft_one):
-    """Stopped after step 4 (every process writes its shard of the checkpoint) and resumed on 2 processes."""
+    """Stopped after step 4 (every process writes its shard of the checkpoint) and resumed on 2 processes, with
+    gradient checkpointing (the curve is the one-process run's without it)."""
+    sft_args = [*sft_args, "--gradient_checkpointing", "true"]
     stopped = [*launch_two("fsdp2", stop_at_step=4), *sft_args, "--batch_size", "2", "--run_name", "two"]
     run(stopped, tmp_path, returncode=1)  # the launcher's exit code when its processes stop on SIGTERM
     checkpoint = tmp_path / "runs" / "two" / "checkpoints" / "step-0000004"
