@@ -201,7 +201,7 @@ def _split_at_shared_prefix(chosen: list[dict], rejected: list[dict], where: str
     if not any(m["content"].strip() for m in chosen[:shared]):
         raise LLMTrainError(
             f"{where}: 'chosen' and 'rejected' share no prompt (their first messages differ). Start both with the "
-            "same user turn, or give the prompt in a 'prompt' field."
+            "same user turn, or put the prompt in a 'prompt' field and only the answers in 'chosen' and 'rejected'."
         )
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         for i, message in enumerate(messages[shared:], shared + 1):
