@@ -147,7 +147,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmtrain.generate import load_for_generation, sample
 
-    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir))
+    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code)
     prompts = [args.prompt] * args.num_samples
     outputs = sample(
         model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, greedy=args.greedy
@@ -165,7 +165,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmtrain.evaluate import evaluate_chat_model
 
     metrics = evaluate_chat_model(
-        args.run, _runs_dir(args.runs_dir), args.data, args.task, args.max_rows, max_new_tokens=args.max_new_tokens
+        args.run,
+        _runs_dir(args.runs_dir),
+        args.data,
+        args.task,
+        args.max_rows,
+        max_new_tokens=args.max_new_tokens,
+        trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps({"run": args.run, "data": args.data, **metrics}, indent=2))
     return 0
@@ -174,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmtrain.generate import chat_replies, load_for_generation
 
-    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir))
+    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {args.run}. An empty line or Ctrl-D ends the chat.", flush=True)
     while True:
@@ -200,8 +206,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     source = resolve_model(args.run, _runs_dir(args.runs_dir))
     if source.kind == "preset":
         raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a reward model run.")
-    tokenizer = load_tokenizer(source.path)
-    model = load_reward_model(source.path, tokenizer, args.run).eval()
+    tokenizer = load_tokenizer(source.path, trust_remote_code=args.trust_remote_code)
+    model = load_reward_model(source.path, tokenizer, args.run, trust_remote_code=args.trust_remote_code).eval()
     messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
     print(f"{score_conversations(model, tokenizer, [messages])[0]:.4f}")
     return 0
@@ -238,6 +244,18 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
+    """The stages' --trust_remote_code for a command that loads a model: bare, or followed by true/false as the
+    stages take it (the error that asks for it says `--trust_remote_code true`)."""
+    from transformers.hf_argparser import string_to_bool
+
+    from llmtrain.config import TRUST_REMOTE_CODE_HELP
+
+    parser.add_argument(
+        "--trust_remote_code", nargs="?", const=True, default=False, type=string_to_bool, help=TRUST_REMOTE_CODE_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--runs_dir", default=None)
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a run on held-out chat data (loss and task accuracy)")
@@ -274,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_rows", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--runs_dir", default=None)
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a run in the terminal, using its chat template")
@@ -282,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--runs_dir", default=None)
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("score", help="the reward a reward-model run gives one answer")
@@ -289,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)
     p.add_argument("--runs_dir", default=None)
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("show-data", help="show rows as a model sees them, trained tokens marked, and drop counts")

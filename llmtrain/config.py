@@ -33,6 +33,10 @@ LOG_EVERY_HELP = (
     "Steps between logged lines, each the average of its steps. The loop reads the device only then and at "
     "checkpoints: a NaN stops the run, and SIGTERM saves, up to this many steps later."
 )
+TRUST_REMOTE_CODE_HELP = (
+    "Run the Python code a model's repository ships (models not built into transformers). Only for repositories "
+    "you trust."
+)
 
 
 class ConfigValueError(LLMTrainError):
@@ -128,6 +132,7 @@ class PretrainConfig(RunConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, one more forward."}
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}
     )
@@ -215,6 +220,7 @@ class FinetuneConfig(RunConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, one more forward."}
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     mixed_precision: str = "auto"
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto (SDPA where the architecture has it, else eager), sdpa, eager, ..."}

@@ -150,6 +150,7 @@ def evaluate_chat_model(
     max_length: int = 512,
     max_new_tokens: int = 24,
     batch_size: int = 32,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     """Evaluate any run or checkpoint on held-out chat data: assistant-token loss and task accuracy."""
     from accelerate import Accelerator
@@ -159,7 +160,7 @@ def evaluate_chat_model(
     from llmtrain.generate import load_for_generation
     from llmtrain.runtime import cache_dir
 
-    model, tokenizer = load_for_generation(spec, runs_dir)
+    model, tokenizer = load_for_generation(spec, runs_dir, trust_remote_code=trust_remote_code)
     if data == "default":
         data = str(default_data_dir(cache_dir()) / "sft_val.jsonl")
     rows = load_chat_rows(data, max_rows=max_rows)
@@ -173,7 +174,14 @@ def evaluate_chat_model(
     return metrics
 
 
-def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: list[str], accelerator) -> float:
+def win_rate(
+    judge,
+    prompts: list[list[dict]],
+    replies: list[str],
+    baseline: list[str],
+    accelerator,
+    trust_remote_code: bool = False,
+) -> float:
     """Share of prompts where the judge (a reward model source) scores `replies` above `baseline`; identical
     replies count as a tie (one half). The prompts are split across processes and the verdicts gathered."""
     from accelerate.utils import gather_object
@@ -181,8 +189,9 @@ def win_rate(judge, prompts: list[list[dict]], replies: list[str], baseline: lis
     from llmtrain.models import load_reward_model, score_conversations
     from llmtrain.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(judge.path)
-    model = prepare_frozen(load_reward_model(judge.path, tokenizer, judge.spec), accelerator)
+    tokenizer = load_tokenizer(judge.path, trust_remote_code=trust_remote_code)
+    judge_model = load_reward_model(judge.path, tokenizer, judge.spec, trust_remote_code=trust_remote_code)
+    model = prepare_frozen(judge_model, accelerator)
     mine, own = process_share(len(prompts), accelerator)
 
     def scores(answers: list[str]) -> list[float]:

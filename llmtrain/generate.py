@@ -146,8 +146,9 @@ def chat_replies(
     return [r.strip() for r in replies]
 
 
-def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
-    """Load a run, local checkpoint or Hub model and its tokenizer for sampling."""
+def load_for_generation(spec: str, runs_dir: str, device: str | None = None, trust_remote_code: bool = False):
+    """Load a run, local checkpoint or Hub model and its tokenizer for sampling; a model's own code runs only with
+    `trust_remote_code`."""
     from llmtrain.errors import LLMTrainError
     from llmtrain.models import load_causal_lm
     from llmtrain.registry import hub_snapshot, resolve_model
@@ -158,5 +159,5 @@ def load_for_generation(spec: str, runs_dir: str, device: str | None = None):
         raise LLMTrainError(f"'{spec}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
     source = hub_snapshot(source, runs_dir, "model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(source, runs_dir, dtype="auto").to(device)
-    return model, load_tokenizer(source.path)
+    model = load_causal_lm(source, runs_dir, trust_remote_code=trust_remote_code, dtype="auto").to(device)
+    return model, load_tokenizer(source.path, trust_remote_code=trust_remote_code)

@@ -22,7 +22,8 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.registry import MANIFEST, headline, read_manifest, timestamp, write_manifest
 
 DRY_RUN_DIR = "hub_upload"
-# What a Hub repo of a run needs to load: weights (safetensors only), configs, tokenizer and chat template.
+# What a Hub repo of a run needs to load: weights (safetensors only), configs, tokenizer and chat template, and the
+# code of a model trained with --trust_remote_code (.py).
 UPLOAD_NAMES = {
     "config.json",
     "generation_config.json",
@@ -138,12 +139,13 @@ def model_card(run_path: Path, repo_id: str, license: str = DEFAULT_LICENSE) -> 
         base_model=base_model(chain),
     )
     stage = manifest.get("stage", "?")
+    trusts_remote_code = bool(manifest.get("config", {}).get("trust_remote_code"))
     kind = "reward model (one score per sequence)" if reward else "causal language model"
     sections = [
         f"---\n{metadata.to_yaml()}\n---",
         f"# {repo_id.split('/')[-1]}\n\nA {kind} trained with llmtrain: the `{stage}` run `{manifest['name']}` "
         f"(finished {manifest.get('updated', '?')}), {_architecture(run_path, manifest)}.",
-        "## Usage\n\n```python\n" + usage_snippet(repo_id, reward, stage, adapter) + "```",
+        "## Usage\n\n```python\n" + usage_snippet(repo_id, reward, stage, adapter, trusts_remote_code) + "```",
         "## Lineage\n\nFrom this run back to the run that started from fresh weights or an outside checkpoint:\n\n"
         + _lineage_table(chain),
         "## Data\n\n" + "\n".join(f"- `{m['name']}` ({m.get('stage')}): {_data_line(m)}" for m in chain),
@@ -156,14 +158,18 @@ def model_card(run_path: Path, repo_id: str, license: str = DEFAULT_LICENSE) -> 
     return "\n\n".join(sections) + "\n"
 
 
-def usage_snippet(repo_id: str, reward: bool, stage: str, adapter: bool = False) -> str:
-    """Python that loads the pushed repo with transformers and uses it (chat template included)."""
+def usage_snippet(
+    repo_id: str, reward: bool, stage: str, adapter: bool = False, trust_remote_code: bool = False
+) -> str:
+    """Python that loads the pushed repo with transformers and uses it (chat template included); a model trained
+    with --trust_remote_code loads with its repository's code too."""
+    source = f'"{repo_id}", trust_remote_code=True' if trust_remote_code else f'"{repo_id}"'
     if reward:
         return (
             "import torch\n"
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
-            f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")\n'
+            f"tokenizer = AutoTokenizer.from_pretrained({source})\n"
+            f"model = AutoModelForSequenceClassification.from_pretrained({source})\n"
             'messages = [{"role": "user", "content": "What is 12 + 30?"}, '
             '{"role": "assistant", "content": "12 + 30 = 42"}]\n'
             'inputs = tokenizer.apply_chat_template(messages, return_dict=True, return_tensors="pt")\n'
@@ -172,12 +178,12 @@ def usage_snippet(repo_id: str, reward: bool, stage: str, adapter: bool = False)
             "print(reward)  # higher means a better answer\n"
         )
     load = (
-        f'from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f"from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained({source})\n"
         if adapter
-        else f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        else f"model = AutoModelForCausalLM.from_pretrained({source})\n"
     )
     head = "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n" if not adapter else ""
-    head += load + f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+    head += load + f"tokenizer = AutoTokenizer.from_pretrained({source})\n"
     if stage == "pretrain":  # a base model continues text; its chat template is there for the stages after
         prompt = 'inputs = tokenizer("The sum of 12 and 30 is", return_tensors="pt")\n'
     else:
@@ -297,7 +303,7 @@ def stage_upload(run_path: Path, out: Path, repo_id: str, license: str = DEFAULT
 
 
 def _belongs(name: str) -> bool:
-    return name in UPLOAD_NAMES or name.endswith(".safetensors")
+    return name in UPLOAD_NAMES or name.endswith((".safetensors", ".py"))
 
 
 def listing(folder: Path) -> str:

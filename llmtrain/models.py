@@ -11,7 +11,7 @@ from torch import nn
 
 from llmtrain.data.preferences import answer_example
 from llmtrain.data.template import Unverifiable, chat_format
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, refuse_without_remote_code
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
 from llmtrain.registry import PRESETS, ModelSource
@@ -20,9 +20,10 @@ from llmtrain.tokenizer import save_tokenizer
 # ---------------------------------------------------------------- loading
 
 
-def load_pretrained(cls, path: str, attn_implementation: str = "auto", **kwargs: Any):
+def load_pretrained(cls, path: str, attn_implementation: str = "auto", trust_remote_code: bool = False, **kwargs: Any):
     """`cls.from_pretrained` with the attention the architecture supports: `auto` is SDPA where the architecture
     has it, else eager (Gemma 2 refuses SDPA); any other value is passed on as it is."""
+    kwargs["trust_remote_code"] = trust_remote_code
     if attn_implementation != "auto":
         return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
     try:
@@ -33,13 +34,21 @@ def load_pretrained(cls, path: str, attn_implementation: str = "auto", **kwargs:
         return cls.from_pretrained(path, attn_implementation="eager", **kwargs)
 
 
-def load_causal_lm(source: ModelSource, runs_dir: str | Path, attn_implementation: str = "auto", **kwargs: Any):
-    """`AutoModelForCausalLM.from_pretrained` for a run, local checkpoint or Hub id, with a clear error."""
+def load_causal_lm(
+    source: ModelSource,
+    runs_dir: str | Path,
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+):
+    """`AutoModelForCausalLM.from_pretrained` for a run, local checkpoint or Hub id, with a clear error. The code a
+    model's repository ships runs only with `trust_remote_code`."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return load_pretrained(AutoModelForCausalLM, source.path, attn_implementation, **kwargs)
+        return load_pretrained(AutoModelForCausalLM, source.path, attn_implementation, trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
+        refuse_without_remote_code(source.spec, e)
         where = {
             "hub": f"It is not a preset ({', '.join(PRESETS)}), not a run in {runs_dir} and not a local folder, "
             "and loading it as a Hub model id failed",
@@ -53,7 +62,7 @@ def load_causal_lm(source: ModelSource, runs_dir: str | Path, attn_implementatio
 def load_policy(init: ModelSource, tokenizer, cfg: Any, accelerator, use_cache: bool = False):
     """The causal LM a fine-tuning stage tunes, checked against its tokenizer, with LoRA adapters if `cfg.lora`.
     Training never needs the KV cache (and packed rows must not use one); a stage that samples keeps it."""
-    model = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
+    model = load_causal_lm(init, cfg.runs_dir, cfg.attn_implementation, cfg.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LLMTrainError(f"The tokenizer of '{cfg.init}' has more tokens than the model's embedding.")
     check_positions(model, cfg.max_length, "--max_length", cfg.init, accelerator.print)
@@ -109,14 +118,19 @@ def check_positions(model, length: int, flag: str, spec: str, note=print) -> Non
     )
 
 
-def load_reward_model(path: str, tokenizer, spec: str, attn_implementation: str = "auto"):
+def load_reward_model(
+    path: str, tokenizer, spec: str, attn_implementation: str = "auto", trust_remote_code: bool = False
+):
     """A native sequence classifier with one output; a causal LM checkpoint gets a fresh score head. Its score is
     read at the last token that is not padding, so padding uses `reward_pad_id` (which no answer ends with)."""
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = load_pretrained(AutoModelForSequenceClassification, path, attn_implementation, num_labels=1)
+        model = load_pretrained(
+            AutoModelForSequenceClassification, path, attn_implementation, trust_remote_code, num_labels=1
+        )
     except (OSError, ValueError) as e:
+        refuse_without_remote_code(spec, e)
         raise LLMTrainError(f"Could not load '{spec}' as a sequence classifier: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = reward_pad_id(tokenizer)
     head = _score_head(model)

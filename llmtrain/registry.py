@@ -203,10 +203,10 @@ def hub_revision(path: str | Path | None) -> tuple[str, str] | None:
     return repo.removeprefix("models--").replace("--", "/"), folder.name  # Hub names never hold "--"
 
 
-# The files of a Hub model that loading reads: config, generation config, tokenizer and chat template, and the
-# weights (safetensors when the repository has them, else PyTorch .bin). Subfolders (ONNX, GGUF, original
-# checkpoints) are not fetched.
-HUB_MODEL_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+# The files of a Hub model that loading reads: config, generation config, tokenizer and chat template, the
+# weights (safetensors when the repository has them, else PyTorch .bin), and the model's own code (.py, run only
+# with --trust_remote_code). Subfolders (ONNX, GGUF, original checkpoints) are not fetched.
+HUB_MODEL_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken", ".py")
 
 
 def _download_snapshot(repo_id: str, info) -> str:

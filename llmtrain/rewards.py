@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llmtrain.data.prompts import question_of
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, refuse_without_remote_code
 from llmtrain.models import load_reward_model, score_conversations, token_scores
 from llmtrain.registry import hub_snapshot, latest_run, resolve_model
 from llmtrain.rl import last_token_index
@@ -81,9 +81,10 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
     if source.kind == "preset":
         raise LLMTrainError(f"--reward_model {cfg.reward_model} is a preset with random weights; give a reward model.")
     source = hub_snapshot(source, cfg.runs_dir, "--reward_model")
-    _check_reward_checkpoint(source)
-    tokenizer = load_tokenizer(source.path)
-    model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation).requires_grad_(False)
+    _check_reward_checkpoint(source, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(source.path, trust_remote_code=cfg.trust_remote_code)
+    model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation, cfg.trust_remote_code)
+    model.requires_grad_(False)
     same = (tokenizer.get_vocab(), tokenizer.chat_template) == (
         policy_tokenizer.get_vocab(),
         policy_tokenizer.chat_template,
@@ -91,12 +92,13 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
     return RewardSource(source.spec, source.path, source.label, model, tokenizer, same)
 
 
-def _check_reward_checkpoint(source) -> None:
+def _check_reward_checkpoint(source, trust_remote_code: bool = False) -> None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        refuse_without_remote_code(source.spec, e)
         raise LLMTrainError(f"Could not load the reward model '{source.spec}': {str(e).splitlines()[0]}") from None
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import LLMTrainError, refuse_without_remote_code
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 END_OF_TURN = "<|end|>"
@@ -89,12 +89,16 @@ def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 2048) -> PreTrainedTo
     )
 
 
-def load_tokenizer(name_or_path: str | Path, chat_template: str = "auto") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | Path, chat_template: str = "auto", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a folder or a Hub id with a pad token and the chat template `chat_template` names:
-    auto (its own, else the project's), llmtrain (the project's), or a Jinja file."""
+    auto (its own, else the project's), llmtrain (the project's), or a Jinja file. A tokenizer class a model's
+    repository ships runs only with `trust_remote_code`."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        refuse_without_remote_code(str(name_or_path), e)
         raise LLMTrainError(
             f"Could not load a tokenizer from '{name_or_path}': it is neither a folder with tokenizer files "
             f"nor a reachable Hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})."

@@ -145,7 +145,8 @@ def test_online_the_newest_revision_is_fetched_with_only_the_files_loading_reads
     weights = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin"]
     tokenizer = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "merges.txt"]
     other = [".gitattributes", "README.md", "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx"]
-    config = ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    config = ["config.json", "generation_config.json", "model.safetensors.index.json", "modeling_x.py"]
+    other += ["original/convert.py"]
     asked = fake_hub(monkeypatch, "b" * 40, config + weights + tokenizer + other)
     source = resolve_init("org/tiny-lm", tmp_path / "runs", "pretrain")
     assert hub_revision(source.path) == ("org/tiny-lm", "b" * 40)

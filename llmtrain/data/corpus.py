@@ -530,9 +530,10 @@ def pretrain_tokenizer(cfg: PretrainConfig, model: ModelSource, data_fp: str, ca
         from llmtrain.registry import resolve_model
 
         tok_source = resolve_model(cfg.tokenizer, cfg.runs_dir) if not Path(cfg.tokenizer).is_dir() else None
-        return load_tokenizer(tok_source.path if tok_source and tok_source.path else cfg.tokenizer)
+        path = tok_source.path if tok_source and tok_source.path else cfg.tokenizer
+        return load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     if model.kind != "preset":
-        return load_tokenizer(model.path)
+        return load_tokenizer(model.path, trust_remote_code=cfg.trust_remote_code)
     out = cache / "tokenizers" / f"{data_fp}-v{cfg.vocab_size}-c{cfg.tokenizer_train_chars}"
     if (out / "tokenizer.json").is_file():
         return load_tokenizer(out)

@@ -47,7 +47,7 @@ def run(cfg: DpoConfig) -> Path:
         run.pin_parent("judge", cfg.judge, judge.path)
 
     # ---- the policy (and LoRA)
-    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    tokenizer = load_tokenizer(init.path, cfg.chat_template, cfg.trust_remote_code)
     model = load_policy(init, tokenizer, cfg, accelerator)
     disable_dropout(model)  # as TRL does: policy and reference score alike, so the first loss is exactly log 2
 
@@ -71,7 +71,7 @@ def run(cfg: DpoConfig) -> Path:
     ref_model = None
     if not cfg.lora and (not cfg.precompute_ref or loop.step > 0):
         ref_model = prepare_frozen(
-            load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation), accelerator
+            load_causal_lm(init, cfg.runs_dir, cfg.attn_implementation, cfg.trust_remote_code), accelerator
         )
 
     def reference(batch: dict) -> torch.Tensor:
@@ -150,7 +150,9 @@ def run(cfg: DpoConfig) -> Path:
         task, replies = answers(show=cfg.num_samples)
         final |= task
         if judge is not None and eval_prompts:
-            final["win_rate"] = win_rate(judge, eval_prompts, replies, loop.state["parent_replies"], accelerator)
+            final["win_rate"] = win_rate(
+                judge, eval_prompts, replies, loop.state["parent_replies"], accelerator, cfg.trust_remote_code
+            )
         loop.log_eval(final)
         save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
         summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]

@@ -83,7 +83,7 @@ def run(cfg: PpoConfig) -> Path:
     """Tune per `cfg`; returns the finished run directory."""
     accelerator, init, run = open_run(cfg, "ppo", parent_stage="sft")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    tokenizer = load_tokenizer(init.path, cfg.chat_template, cfg.trust_remote_code)
     reward = load_reward(cfg, tokenizer)
     if reward.path:
         run.pin_parent("reward_model", cfg.reward_model, reward.path)
@@ -277,7 +277,7 @@ def _build_models(cfg: PpoConfig, init, tokenizer, reward: RewardSource, acceler
     policy = load_policy(init, tokenizer, cfg, accelerator, use_cache=True)  # rollouts sample with the KV cache
     reference = None
     if not cfg.lora:
-        reference = load_causal_lm(init, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
+        reference = load_causal_lm(init, cfg.runs_dir, cfg.attn_implementation, cfg.trust_remote_code)
     kind = _critic_kind(cfg, reward)
     critic = None
     if kind == "head":
@@ -286,7 +286,7 @@ def _build_models(cfg: PpoConfig, init, tokenizer, reward: RewardSource, acceler
         nn.init.zeros_(critic.bias)
     elif kind is not None:
         path, spec = (reward.path, reward.spec) if kind == "reward" else (init.path, init.spec)
-        critic = load_reward_model(path, tokenizer, spec, cfg.attn_implementation)
+        critic = load_reward_model(path, tokenizer, spec, cfg.attn_implementation, cfg.trust_remote_code)
     if cfg.lora and kind in ("reward", "policy"):
         critic = add_lora(critic, cfg, "SEQ_CLS", accelerator)
     actor_critic = ActorCritic(policy, critic, kind)

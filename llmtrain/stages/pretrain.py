@@ -162,7 +162,7 @@ def _build_model(cfg: PretrainConfig, source: ModelSource, tokenizer):
         vocab = 64 * math.ceil(len(tokenizer) / 64)
         torch.manual_seed(cfg.seed)
         return AutoModelForCausalLM.from_config(preset_config(cfg.preset, vocab, cfg.seq_len, special))
-    model = load_causal_lm(source, cfg.runs_dir, attn_implementation=cfg.attn_implementation)
+    model = load_causal_lm(source, cfg.runs_dir, cfg.attn_implementation, cfg.trust_remote_code)
     if len(tokenizer) > model.config.vocab_size:
         raise LLMTrainError(
             f"The tokenizer has {len(tokenizer)} tokens but model '{cfg.preset}' has an embedding of only "
@@ -179,7 +179,7 @@ def _check_same_vocabulary(cfg: PretrainConfig, source: ModelSource, tokenizer) 
     would be read for the wrong token. Refuse it, saying how many tokens differ."""
     if not cfg.tokenizer or not any((Path(source.path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         return
-    own = load_tokenizer(source.path).get_vocab()
+    own = load_tokenizer(source.path, trust_remote_code=cfg.trust_remote_code).get_vocab()
     given = tokenizer.get_vocab()
     differ = sum(own.get(token) != i for token, i in given.items()) + len(own.keys() - given.keys())
     if differ:

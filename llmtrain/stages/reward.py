@@ -38,8 +38,8 @@ def run(cfg: RewardConfig) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # ---- model: one score per sequence, read at the answer's last token (its end of turn)
-    tokenizer = load_tokenizer(init.path, cfg.chat_template)
-    model = load_reward_model(init.path, tokenizer, init.spec, cfg.attn_implementation)
+    tokenizer = load_tokenizer(init.path, cfg.chat_template, cfg.trust_remote_code)
+    model = load_reward_model(init.path, tokenizer, init.spec, cfg.attn_implementation, cfg.trust_remote_code)
     check_positions(model, cfg.max_length, "--max_length", cfg.init, accelerator.print)
     pad_id = model.config.pad_token_id  # padding that no answer ends with (see models.reward_pad_id)
     # The tokenizer saved with the run pads the same way, so the pair reads scores where they were trained.

@@ -44,7 +44,7 @@ def run(cfg: SftConfig) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # ---- tokenizer, model (and LoRA)
-    tokenizer = load_tokenizer(init.path, cfg.chat_template)
+    tokenizer = load_tokenizer(init.path, cfg.chat_template, cfg.trust_remote_code)
     model = load_policy(init, tokenizer, cfg, accelerator)
 
     # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
