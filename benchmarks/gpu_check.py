@@ -106,7 +106,6 @@ SEED = 1337
 PARTS = ("eager", "sft", "reward", "dpo", "ppo", "resume", "sft_gc", "compile")
 NEEDS = {"sft": ["pretrain"], "reward": ["sft"], "dpo": ["sft", "reward"], "ppo": ["sft", "reward"], "sft_gc": ["sft"]}
 LOSS = {"pretrain": "train_loss", "sft": "train_loss", "reward": "train_loss", "dpo": "train_loss", "ppo": "value_loss"}
-LOSS["sft_gc"] = LOSS["sft"]
 STAGE_OF = {"sft_gc": "sft"}  # a part that reruns a stage with another setting: the stage it runs
 EXTRA = {"reward": ["train_accuracy"], "dpo": ["margin", "nll"], "ppo": ["reward_mean", "kl", "rollout_tokens_per_s"]}
 BF16_ULP = 2**-8  # the relative spacing of bfloat16 numbers near 1: the resume check's tolerance in bf16
@@ -371,13 +370,14 @@ def stage_config(stage: str, sz: Sizes, work: Path):
 
 
 def train_stage(stage: str, sz: Sizes, work: Path, device: torch.device) -> dict[str, Any]:
-    module = importlib.import_module(f"llmtrain.stages.{STAGE_OF.get(stage, stage)}")
+    base = STAGE_OF.get(stage, stage)
+    module = importlib.import_module(f"llmtrain.stages.{base}")
     cfg = stage_config(stage, sz, work)
     fresh_start(device)
     t0 = time.perf_counter()
     run_dir = module.run(cfg)
     seconds = time.perf_counter() - t0
-    return stage_figures(run_dir, stage) | {"peak_memory_mib": peak_memory_mib(device), "seconds": seconds}
+    return stage_figures(run_dir, base) | {"peak_memory_mib": peak_memory_mib(device), "seconds": seconds}
 
 
 @contextlib.contextmanager

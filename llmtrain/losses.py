@@ -83,14 +83,9 @@ def over_positions(fn, logits: torch.Tensor, targets: torch.Tensor, chunk: int |
     from torch.utils.checkpoint import checkpoint
 
     rows = max(1, chunk // logits.size(-1))
-    return torch.stack(
-        [
-            torch.cat(
-                [
-                    checkpoint(fn, logits[b, t : t + rows], targets[b, t : t + rows], use_reentrant=False)
-                    for t in range(0, logits.size(1), rows)
-                ]
-            )
-            for b in range(logits.size(0))
-        ]
-    )
+    per_sequence = []
+    for logits_b, targets_b in zip(logits, targets):
+        spans = [slice(t, t + rows) for t in range(0, logits_b.size(0), rows)]
+        chunks = [checkpoint(fn, logits_b[s], targets_b[s], use_reentrant=False) for s in spans]
+        per_sequence.append(torch.cat(chunks))
+    return torch.stack(per_sequence)

@@ -103,8 +103,9 @@ def resolve_model(spec: str, runs_dir: str | Path) -> ModelSource:
     local = Path(spec)
     if local.exists():
         if (local / "config.json").is_file():
-            snapshot = hub_revision(local.resolve())  # one revision of a Hub model, as its cache holds it
-            return ModelSource("hub" if snapshot else "local", snapshot[0] if snapshot else spec, str(local.resolve()))
+            path = str(local.resolve())
+            snapshot = hub_revision(path)  # one revision of a Hub model, as its cache holds it
+            return ModelSource("hub", snapshot[0], path) if snapshot else ModelSource("local", spec, path)
         raise LLMTrainError(
             f"'{spec}' is a local path but not a Hugging Face checkpoint (no config.json in it). "
             f"Give a preset ({', '.join(PRESETS)}), a run in {runs_dir}, or a checkpoint folder."
@@ -161,7 +162,6 @@ def hub_snapshot(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelS
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    cached = try_to_load_from_cache(source.spec, "config.json")
     if constants.HF_HUB_OFFLINE:
         why = "HF_HUB_OFFLINE is set and the local Hugging Face cache does not hold it"
     else:
@@ -179,6 +179,7 @@ def hub_snapshot(source: ModelSource, runs_dir: str | Path, flag: str) -> ModelS
             why = "the Hub has no public model of that id (a private or gated one needs `hf auth login` or HF_TOKEN)"
         except Exception as e:  # noqa: BLE001 - any network failure: use the cache, as from_pretrained would
             why = f"the Hub could not be reached ({e.__class__.__name__}: {e}) and the local cache does not hold it"
+    cached = try_to_load_from_cache(source.spec, "config.json")
     if isinstance(cached, str):
         return ModelSource("hub", source.spec, str(Path(cached).parent.resolve()))
     runs = [Path(m["_dir"]).name for m in list_runs(runs_dir)]
