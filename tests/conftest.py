@@ -12,7 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import REPO, reward_config, tiny_config, tiny_sft_config  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads, or as many as OMP_NUM_THREADS asks for: the suite must hold at any thread count (the arithmetic, and
+# so every trained value, changes with it).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The seed of every tiny stage config below (the configs' own default unless set). Tests assert what training
+# does, not where one seed lands: `LLMTRAIN_TEST_SEED=0 python -m pytest ...` reruns them at another seed.
+TEST_SEED = {"seed": int(os.environ["LLMTRAIN_TEST_SEED"])} if os.environ.get("LLMTRAIN_TEST_SEED") else {}
+
 # Recipe flags that make a pretraining run on the command line take a few seconds.
 TINY_FLAGS = [
     "--preset",
@@ -86,6 +90,7 @@ def tiny_config(runs_dir: Path, data: Path, **overrides):
         save_every=0,
         num_samples=2,
         sample_tokens=8,
+        **TEST_SEED,
     )
     values.update(overrides)
     return PretrainConfig(**values)
@@ -101,6 +106,7 @@ def tiny_sft_config(runs_dir: Path, **overrides):
     from llmtrain.config import SftConfig
 
     values = dict(runs_dir=str(runs_dir), init="tiny", max_rows=400, max_steps=30, **TINY_FINETUNE, **TINY_POLICY)
+    values |= TEST_SEED
     return SftConfig(**{**values, **overrides})
 
 
@@ -108,7 +114,7 @@ def reward_config(runs_dir: Path, **overrides):
     """A reward-model config that trains on `sft-tiny` in a few seconds."""
     from llmtrain.config import RewardConfig
 
-    values = dict(runs_dir=str(runs_dir), init="sft-tiny", max_rows=600, max_steps=60, **TINY_FINETUNE)
+    values = dict(runs_dir=str(runs_dir), init="sft-tiny", max_rows=600, max_steps=60, **TINY_FINETUNE, **TEST_SEED)
     return RewardConfig(**{**values, **overrides})
 
 
@@ -117,7 +123,7 @@ def tiny_dpo_config(runs_dir: Path, **overrides):
     from llmtrain.config import DpoConfig
 
     values = {**dict(runs_dir=str(runs_dir), init="sft-tiny", max_rows=400, max_steps=20), **TINY_FINETUNE}
-    values |= dict(lr=5e-3, warmup_steps=2, judge="none", nll_weight=0.0, **TINY_POLICY)
+    values |= dict(lr=5e-3, warmup_steps=2, judge="none", nll_weight=0.0, **TINY_POLICY, **TEST_SEED)
     return DpoConfig(**{**values, **overrides})
 
 
@@ -127,7 +133,7 @@ def tiny_ppo_config(runs_dir: Path, **overrides):
 
     values = dict(runs_dir=str(runs_dir), init="sft-tiny", reward_fn="helpers:short_answer_reward", max_steps=2)
     values |= dict(batch_size=16, lr=3e-4, value_lr=1e-3, max_length=64, max_new_tokens=12, num_mini_batches=1)
-    values |= dict(task_eval_rows=16, num_samples=1, sample_every=0, save_every=0)
+    values |= dict(task_eval_rows=16, num_samples=1, sample_every=0, save_every=0, **TEST_SEED)
     return PpoConfig(**{**values, **overrides})
 
 

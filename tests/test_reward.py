@@ -28,8 +28,9 @@ def test_the_reward_run_is_a_native_one_score_classifier(reward_run):
 def test_score_puts_the_answer_a_reward_model_was_taught_to_prefer_above_the_rejected_one(sft_run, tmp_path, capsys):
     from llmtrain.cli import main
 
-    # Eight sums whose rejected answer is ten too high, each pair seen 40 times: the tiny model learns these
-    # (right minus wrong was 5 to 15 over seven seeds), while it ranks unseen sums little better than chance.
+    # Eight sums whose rejected answer is ten too high, each pair seen 40 times: the tiny model learns to rank these
+    # (it ranks unseen sums little better than chance). The size of the gap depends on the seed, the machine and
+    # the libraries (0.15 to 15 seen); the ranking the run measured must be the one `llmtrain score` gives.
     data = write_taught_sums(tmp_path / "prefs.jsonl", "pairs")
     cfg = reward_config(
         tmp_path, init=str(sft_run), data=str(data), eval_data=str(data), batch_size=8, max_steps=40, lr=1e-2
@@ -37,11 +38,13 @@ def test_score_puts_the_answer_a_reward_model_was_taught_to_prefer_above_the_rej
     run_dir = reward.run(cfg)
     assert json.loads((run_dir / "llmtrain.json").read_text())["metrics"]["reward_accuracy"] == 1.0
     capsys.readouterr()
-    args = ["score", run_dir.name, "--prompt", "What is 12 + 30?", "--runs_dir", str(tmp_path)]
-    assert main([*args, "--response", "12 + 30 = 42"]) == 0
-    right = float(capsys.readouterr().out)
-    assert main([*args, "--response", "12 + 30 = 52"]) == 0
-    assert right > float(capsys.readouterr().out) + 1.0
+
+    def score(prompt: str, response: str) -> float:
+        assert main(["score", run_dir.name, "--prompt", prompt, "--response", response, "--runs_dir", str(tmp_path)]) == 0
+        return float(capsys.readouterr().out)
+
+    for row in map(json.loads, data.read_text().splitlines()):
+        assert score(row["prompt"], row["chosen"]) > score(row["prompt"], row["rejected"]), row
 
 
 def test_latest_init_without_an_sft_run_says_how_to_make_one(tmp_path):
