@@ -29,6 +29,14 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "conservative")
 VALUE_MODELS = ("auto", "reward", "policy", "head")
 ADVANTAGES = ("gae", "group")
+KEEP_BEST_HELP = (
+    "A validation metric the stage logs (e.g. val_loss, task_accuracy, reward_accuracy, val_reward): the saved model "
+    "is the weights of the evaluation where it was best. The evaluations are every --eval_every steps and the last."
+)
+PATIENCE_HELP = (
+    "Stop after this many evaluations in a row without a better --keep_best metric (or the stage's own validation "
+    "metric); 0 never stops early."
+)
 LOG_EVERY_HELP = (
     "Steps between logged lines, each the average of its steps. The loop reads the device only then and at "
     "checkpoints: a NaN stops the run, and SIGTERM saves, up to this many steps later."
@@ -112,6 +120,10 @@ class PretrainConfig(RunConfig):
     max_documents: int | None = field(default=None, metadata={"help": "Read at most this many documents."})
     dedup: bool = field(default=True, metadata={"help": "Drop exact duplicate documents."})
     val_fraction: float = field(default=0.02, metadata={"help": "Share of documents held out for validation."})
+    test_fraction: float = field(
+        default=0.02,
+        metadata={"help": "Share of documents held out as the test set, evaluated once at the end (0: none)."},
+    )
     num_proc: int | None = field(default=None, metadata={"help": "Tokenizing processes (default: CPU count)."})
     # tokenizer
     tokenizer: str | None = field(
@@ -159,6 +171,8 @@ class PretrainConfig(RunConfig):
     # evaluation, samples, checkpoints
     eval_every: int = 250
     eval_batches: int = 20
+    keep_best: str | None = field(default=None, metadata={"help": KEEP_BEST_HELP})
+    early_stopping_patience: int = field(default=0, metadata={"help": PATIENCE_HELP})
     log_every: int = field(default=10, metadata={"help": LOG_EVERY_HELP})
     sample_every: int = 0
     num_samples: int = 3
@@ -195,6 +209,18 @@ class FinetuneConfig(RunConfig):
     dataset_config: str | None = None
     dataset_split: str = "train"
     eval_split: str = field(default="test", metadata={"help": "Hub split for evaluation when there is one."})
+    test_data: str | None = field(
+        default="default",
+        metadata={
+            "help": "Test rows, evaluated once at the end for the parent and the result and never used for a "
+            "choice: 'default' (the task's test file, or a --test_fraction of --data), a file, a Hub id, or none."
+        },
+    )
+    test_split: str = field(default="test", metadata={"help": "Hub split of --test_data."})
+    test_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Held out from --data as the test set when no test file is given (0: no test set)."},
+    )
     max_rows: int | None = field(default=None, metadata={"help": "Read at most this many training rows."})
     val_fraction: float = field(default=0.05, metadata={"help": "Held out from --data when it has no eval split."})
     max_bad_rows: float = field(
@@ -248,6 +274,8 @@ class FinetuneConfig(RunConfig):
     max_steps: int | None = None
     max_time_s: float | None = None
     eval_every: int = 100
+    keep_best: str | None = field(default=None, metadata={"help": KEEP_BEST_HELP})
+    early_stopping_patience: int = field(default=0, metadata={"help": PATIENCE_HELP})
     log_every: int = field(default=10, metadata={"help": LOG_EVERY_HELP})
     save_every: int = 200
     keep_checkpoints: int = 2
@@ -385,6 +413,13 @@ class PpoConfig(PolicyConfig):
         default=None, metadata={"help": "Adapt kl_coef toward this KL per response (adaptive KL controller)."}
     )
     kl_horizon: int = 10_000
+    hacking_kl: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "The fit verdict calls a run reward hacking when its reward rose while its KL to the reference "
+            "ended past this many nats per response (with a checker, also when task accuracy fell); none: no bound."
+        },
+    )
     sample_every: int = field(default=10, metadata={"help": "Print (and save) a few rollouts every N steps."})
     # the fields every stage has, with PPO's defaults: batch_size counts prompts per process per PPO step
     batch_size: int = field(default=64, metadata={"help": "Prompts per process per PPO step."})
@@ -405,7 +440,7 @@ class PpoConfig(PolicyConfig):
         _positive(self, "temperature", "PPO samples, and divides the logits by it.")
         _at_least(self, "top_k", 0, "0 samples from all tokens.")
         _between(self, "top_p", 0, 1, low_open=True, note="1.0 turns nucleus sampling off.")
-        for name in ("clip_range", "clip_range_value", "value_lr", "target_kl"):
+        for name in ("clip_range", "clip_range_value", "value_lr", "target_kl", "hacking_kl"):
             _positive(self, name)
         for name in ("vf_coef", "kl_coef"):
             _at_least(self, name, 0)
@@ -445,6 +480,15 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig) -> None:
     for name in ("batch_size", "grad_accum", "num_proc"):
         _at_least(cfg, name, 1)
     _between(cfg, "val_fraction", 0, 1, low_open=True, high_open=True, note="It is the share held out for evaluation.")
+    _between(cfg, "test_fraction", 0, 1, high_open=True, note="It is the share held out as the test set; 0 for none.")
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        raise ConfigValueError(
+            f"--val_fraction {cfg.val_fraction:g} and --test_fraction {cfg.test_fraction:g} leave nothing to train "
+            "on; their sum must be below 1 (e.g. 0.05 each).",
+            "val_fraction",
+            "test_fraction",
+        )
+    _at_least(cfg, "early_stopping_patience", 0, "0 never stops early.")
     _positive(cfg, "lr", "It is the peak learning rate, e.g. 3e-4.")
     _at_least(cfg, "warmup_steps", 0)
     _between(cfg, "min_lr_ratio", 0, 1, note="The schedule decays the learning rate to lr x min_lr_ratio.")

@@ -141,6 +141,26 @@ def evaluate_answers(
     return metrics, [reply for _, reply, _ in rows]
 
 
+def item_scores(
+    prompts: list[list[dict]], replies: list[str], parent_replies: list[str], checker: Checker
+) -> list[dict[str, float | str]]:
+    """Each prompt's correctness for the result and for the parent, keyed by its question: what a paired comparison
+    of two runs on the same test set (over questions and seeds) reads."""
+    from llmtrain.data.prompts import question_of
+
+    rows = []
+    for prompt, ours, theirs in zip(prompts, replies, parent_replies):
+        question = question_of(prompt)
+        rows.append(
+            {
+                "item": question,
+                "score": float(bool(checker(question, ours))),
+                "parent_score": float(bool(checker(question, theirs))),
+            }
+        )
+    return rows
+
+
 def evaluate_chat_model(
     spec: str,
     runs_dir: str,

@@ -13,10 +13,12 @@ A stage reads like this (the step in the middle is the stage's, everything else 
             totals = loop.reduce(sums, tokens)             # added up on the device; None but on sync steps
             if totals is not None:                         # ONE collective and host read: sums, signal, NaN
                 loop.log({"train_loss": ...})              # NaN stop, timing fields, metrics.jsonl
-            if loop.due(cfg.eval_every): loop.log_eval(evaluate(...))
+            if loop.due(cfg.eval_every): loop.evaluated(evaluate(val), evaluate(train_sample))  # best, early stop
             loop.checkpoint()                              # every save_every steps, and on a signal
-        ... final evaluation, save ...                     # the last step is checkpointed: a signal here resumes
-        loop.finish(final_metrics, PLOT_CURVES, "message") # manifest, plot, checkpoints removed
+        loop.evaluated(final := evaluate(val), ...)        # the last step is checkpointed: a signal here resumes
+        if loop.restore_best(): final = evaluate(val)      # --keep_best: the best evaluation's weights
+        ... save, then the test set, once, for the result and the parent ...
+        loop.finish(final, PLOT_CURVES, "message", test=..., parent_test=...)  # manifest, fit, plot, checkpoints
 
 No step waits for the device but a sync step: every `log_every` steps, each checkpoint step, the last step, and
 with a time budget the steps where it might run out. There the stage's sums, its tokens, the signal flag and the
@@ -45,11 +47,12 @@ import torch
 from llmtrain.config import config_to_dict
 from llmtrain.distributed import full_state_dict
 from llmtrain.errors import LLMTrainError, RunInterrupted
+from llmtrain.fit import diagnose, improved, metric_on_test, trainset_name
 from llmtrain.flops import parameter_count, peak_flops
 from llmtrain.models import use_gradient_checkpointing
 from llmtrain.optim import build_optimizer, lr_at
 from llmtrain.registry import ModelSource, parent_manifest, resolve_init
-from llmtrain.run_dir import Run
+from llmtrain.run_dir import BEST, TEST_ITEMS, Run
 from llmtrain.runtime import make_accelerator
 
 # Logged values that stop the run when they are not finite, and what to try then, per stage.
@@ -102,6 +105,12 @@ class Loop:
     flops_per_token: float = 0.0  # set by a stage that knows its model's FLOPs: the log then has MFU
     peak_flops: float | None = None  # of this device, when known
     sync_every_step: bool = False  # set by a stage that reads its results on the host every step anyway (PPO)
+    # The validation metric a stage is judged by (its fit, and early stopping when --keep_best names none), and
+    # what the fit diagnosis also reads: a measure the stage does not optimize, and the KL bound (PPO).
+    metric: str = "val_loss"
+    guard: str | None = None
+    guard_rows: int = 0
+    kl_bound: float | None = None
     _t0: float = 0.0
     _signal: list[int] = field(default_factory=lambda: [0])
     _signalled: bool = False
@@ -157,6 +166,8 @@ class Loop:
             self.accelerator.project_configuration.logging_dir = str(self.run.path.parent)
             self.accelerator.init_trackers(self.run.name, config=config_to_dict(self.cfg))
         self._print(f"run {self.run.name}: {summary}")
+        if self.step == 0 and self.state.get("parent_metrics"):  # the parent's evaluation is the curve's first point
+            self.evaluated(self.state["parent_metrics"], self.state.get("parent_trainset"))
 
     # ------------------------------------------------------------ the loop
 
@@ -398,6 +409,58 @@ class Loop:
     def log_eval(self, metrics: dict[str, float]) -> None:
         self.run.log_metrics(self.step, metrics, self.accelerator)
 
+    # ------------------------------------------------------------ evaluations: fit, best step, early stopping
+
+    @property
+    def watched(self) -> str:
+        """The metric that picks the best evaluation and stops early: --keep_best, else the stage's own."""
+        return self.cfg.keep_best or self.metric
+
+    def evaluated(self, metrics: dict[str, float], trainset: dict[str, float] | None = None) -> None:
+        """An evaluation on validation (at step 0: the parent's) and, when given, the same measured on a fixed
+        sample of training rows (logged as `trainset_*`): logged, kept for the fit diagnosis, and compared with the
+        best so far on the watched metric. With --keep_best an improvement saves the weights (the last step's are
+        in memory anyway); with --early_stopping_patience N the steps stop after N evaluations without one."""
+        row = {**metrics, **{trainset_name(k): v for k, v in (trainset or {}).items()}}
+        self.log_eval(row)
+        self.state.setdefault("evals", []).append({"step": self.step, **row})
+        name = self.watched
+        if name not in metrics:
+            if self.step > 0 and self.cfg.keep_best:
+                raise LLMTrainError(
+                    f"--keep_best {name}: this {self.run.stage} run's evaluations measure "
+                    f"{', '.join(sorted(metrics))}, not {name}. Name one of those (or leave --keep_best unset)."
+                )
+            return
+        best = self.state.get("best")
+        if best is not None and not improved(metrics[name], best["value"], name):
+            self.state["since_best"] = self.state.get("since_best", 0) + 1
+            patience = self.cfg.early_stopping_patience
+            if patience and self.state["since_best"] >= patience and not self._steps_saved:
+                self.write(
+                    f"step {self.step}: {name} {metrics[name]:.4g}, no better than {best['value']:.4g} (step "
+                    f"{best['step']}) for {patience} evaluations: stopping early"
+                )
+                self.stop("early_stopping")
+            return
+        self.state["best"] = {"step": self.step, "metric": name, "value": metrics[name]}
+        self.state["since_best"] = 0
+        if self.cfg.keep_best and not self._steps_saved:  # after the steps, the weights are the ones in memory
+            self.run.save_checkpoint(self.accelerator, self.step, self._trainer_state(), 0, name=BEST)
+
+    def restore_best(self) -> bool:
+        """With --keep_best, after the final evaluation: put back the weights of the best evaluation when it was not
+        the last one. Returns whether it did (the stage then evaluates the restored weights again)."""
+        best = self.state.get("best")
+        if not self.cfg.keep_best or best is None or best["step"] == self.step:
+            return False
+        self.run.load_best(self.accelerator)
+        self._print(
+            f"--keep_best {best['metric']}: the saved model is step {best['step']}'s ({best['metric']} "
+            f"{best['value']:.4g}), not the last step's"
+        )
+        return True
+
     def write(self, text: str) -> None:
         """Print a line above the progress bar (main process)."""
         if self.accelerator.is_main_process:
@@ -439,21 +502,39 @@ class Loop:
             )
 
     def finish(
-        self, final: dict[str, float], curves: dict[str, list[str]], message: str, histograms: dict | None = None
+        self,
+        final: dict[str, float],
+        curves: dict[str, list[str]],
+        message: str,
+        histograms: dict | None = None,
+        test: dict[str, float] | None = None,
+        parent_test: dict[str, float] | None = None,
+        test_items: list[dict[str, Any]] | None = None,
+        kl: float | None = None,
     ) -> None:
         """Mark the run finished with its metrics (the final ones, the last training loss, steps, time, stop
-        reason and the parent's, prefixed `parent_`), plot the curves, drop the checkpoints; then a replacement
-        (--overwrite) takes the place of the run it replaces, and the run's lock is released."""
+        reason, the parent's prefixed `parent_`, and the test set's `test_*` and `parent_test_*`), its fit verdict
+        and best evaluation; write the test items; plot the curves (validation against the training sample), drop
+        the checkpoints; then a replacement (--overwrite) takes the place of the run it replaces, and the run's
+        lock is released. `kl`: the final KL to the parent, for the fit's bound (PPO)."""
         self._steps_saved = False  # once the run is being marked finished, a signal no longer cuts it short
         metrics = {**final}
         if "train_loss" in self.last:
             metrics["train_loss"] = self.last["train_loss"]
         metrics |= {"steps": self.step, "train_time_s": round(self.train_time, 2), "stop_reason": self.stop_reason}
         metrics |= {f"parent_{k}": v for k, v in self.state.get("parent_metrics", {}).items()}
+        metrics |= {metric_on_test(k): v for k, v in (test or {}).items()}
+        metrics |= {f"parent_{metric_on_test(k)}": v for k, v in (parent_test or {}).items()}
         if "skipped_steps" in self.state:
             metrics["skipped_steps"] = self.state["skipped_steps"]
-        self.run.update(status="finished", metrics=metrics)
-        self.run.plot(curves, histograms)
+        fit = diagnose(self.state.get("evals", []), self.metric, self.guard, self.guard_rows, kl, self.kl_bound)
+        fields: dict[str, Any] = {"fit": fit.as_dict()}
+        if self.cfg.keep_best and "best" in self.state:
+            fields["best"] = self.state["best"]
+        self.run.update(status="finished", metrics=metrics, **fields)
+        if test_items is not None:
+            self.run.write_rows(TEST_ITEMS, test_items)
+        self.run.plot({**curves, f"fit: {self.metric}": [self.metric, trainset_name(self.metric)]}, histograms)
         self.run.remove_checkpoints()
         self.run.close()
         # Finish the trackers once all processes are here, and leave the process group up: Accelerate's
@@ -462,8 +543,18 @@ class Loop:
         self.accelerator.wait_for_everyone()
         for tracker in self.accelerator.trackers:
             tracker.finish()
+        tested = ""
+        if test:
+            shown = {k: v for k, v in test.items() if k == self.metric or k in final and k != "val_loss"} or test
+            tested = "; test " + ", ".join(
+                f"{metric_on_test(k)} {parent_test[k]:.4f} -> {v:.4f}"
+                if parent_test and k in parent_test
+                else f"{metric_on_test(k)} {v:.4f}"
+                for k, v in shown.items()
+            )
         self._print(
-            f"\nFinished {self.run.name}: {message}; {self.train_time:.1f} s training. Saved to {self.run.path}"
+            f"\nFinished {self.run.name}: {message}{tested}; {self.train_time:.1f} s training. Saved to "
+            f"{self.run.path}\n{fit.line()}"
         )
 
     def _print(self, message: str) -> None:

@@ -3,6 +3,8 @@ scores a reward model gives a conversation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from torch import nn
 
 from llmtrain.data.preferences import answer_example
 from llmtrain.data.template import Unverifiable, chat_format
+from llmtrain.distributed import prepare_frozen
 from llmtrain.errors import LLMTrainError, refuse_without_remote_code
 from llmtrain.generate import stop_token_ids
 from llmtrain.lora import add_lora, model_to_save
@@ -69,6 +72,21 @@ def load_policy(init: ModelSource, tokenizer, cfg: Any, accelerator, use_cache: 
     if not use_cache:
         model.config.use_cache = False
     return add_lora(model, cfg, "CAUSAL_LM", accelerator) if cfg.lora else model
+
+
+@contextmanager
+def parent_model(init: ModelSource, cfg: Any, accelerator, policy, reference=None) -> Iterator[Any]:
+    """The model a fine-tuning run started from, to evaluate it on the test set beside the result (before the
+    result is saved: saving merges LoRA): the policy with its LoRA adapter disabled, the frozen reference the stage
+    holds, or a frozen copy loaded for the evaluation and freed after it."""
+    if cfg.lora:
+        with policy.disable_adapter():
+            yield policy
+    elif reference is not None:
+        yield reference
+    else:
+        model = load_causal_lm(init, cfg.runs_dir, cfg.attn_implementation, cfg.trust_remote_code)
+        yield prepare_frozen(model, accelerator)
 
 
 def use_gradient_checkpointing(model, accelerator) -> None:

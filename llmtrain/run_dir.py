@@ -40,10 +40,12 @@ from llmtrain.registry import (
 )
 from llmtrain.runtime import process_alive
 
+BEST = "best"  # the checkpoint of the best evaluation, under checkpoints/
 CHECKPOINTS = "checkpoints"
 FILES = "files"  # in a checkpoint's trainer_state.json: each file of the checkpoint and its size
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
+TEST_ITEMS = "test_items.jsonl"  # each test item's score for the result and the parent, for paired comparisons
 BAD_ROWS = "bad_rows.jsonl"  # the data rows a run skipped (max_bad_rows): where each one is and why
 OVERWRITE = ".overwrite"  # beside the runs: where a run that replaces another trains until it has finished
 REPLACED = ".replaced"  # where the run it replaces waits during the swap, to be deleted right after
@@ -156,7 +158,7 @@ class Run:
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             if self.bad_rows:
-                (self.path / BAD_ROWS).write_text("".join(json.dumps(row) + "\n" for row in self.bad_rows))
+                self.write_rows(BAD_ROWS, self.bad_rows)
         previous = _read_if_any(self.path)
         self.manifest = {
             "name": self.name,
@@ -177,6 +179,11 @@ class Run:
         if self.resume_from is not None:
             self.manifest["resumed_at_steps"].append(int(self.resume_from.name.split("-")[-1]))
         self._write()
+
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """A JSON-lines file of the run (main process)."""
+        if self.is_main:
+            (self.path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     def update(self, status: str | None = None, **fields: Any) -> None:
         if status:
@@ -255,11 +262,14 @@ class Run:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, accelerator, step: int, state: dict[str, Any], keep: int) -> Path:
-        """Save the full training state atomically: into a temporary folder, then renamed into place."""
+    def save_checkpoint(
+        self, accelerator, step: int, state: dict[str, Any], keep: int, name: str | None = None
+    ) -> Path:
+        """Save the full training state atomically: into a temporary folder, then renamed into place. `name`: a
+        checkpoint outside the rotation that resume never picks (the best evaluation's, for --keep_best)."""
         root = self.path / CHECKPOINTS
-        final = root / f"step-{step:07d}"
-        tmp = root / f".tmp-step-{step:07d}"
+        final = root / (name or f"step-{step:07d}")
+        tmp = root / f".tmp-{final.name}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -274,11 +284,16 @@ class Run:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state, FILES: files}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 and name is None else []:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
-        self.saved_step = step
+        if name is None:
+            self.saved_step = step
         return final
+
+    def load_best(self, accelerator) -> None:
+        """Put the weights of the best evaluation (saved by `save_checkpoint(..., name=BEST)`) back in the model."""
+        accelerator.load_state(str(self.path / CHECKPOINTS / BEST))
 
     def checkpoint_after_step(
         self, accelerator, step: int, total_steps: int, state: dict[str, Any], cfg: Any, signum: int

@@ -242,7 +242,7 @@ def test_skipped_rows_are_summarised_and_listed_in_the_run_folder(tmp_path, caps
     data = rows_with_two_bad_ones(tmp_path / "data.jsonl")
     cfg = SftConfig(data=str(data), eval_data=str(SAMPLES / "sft_messages.jsonl"), max_bad_rows=2)
     run = Run(tmp_path / "sft", "sft", True)
-    train, _ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    train, *_ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
     assert len(train) == 10
     assert "Skipped 2 rows of" in capsys.readouterr().out
     run.start({})
@@ -369,7 +369,7 @@ def test_a_sharegpt_file_goes_through_the_sft_loading_and_tokenization(tok, tmp_
     sharegpt = str(SAMPLES / "sft_sharegpt.jsonl")
     cfg = SftConfig(data=sharegpt, eval_data=sharegpt, runs_dir=str(tmp_path))
     run = Run(tmp_path / "sft", "sft", True)
-    train, _ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    train, *_ = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
     examples, stats = tokenize_dataset(tok, train, max_length=256, source=sharegpt)
     assert (stats.rows, stats.truncated, stats.dropped, stats.unverified) == (3, 0, 0, 0)
     trained = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in examples]

@@ -21,6 +21,7 @@ from llmtrain.data.default_task import (
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TRAIN_FILES = ("sft_train.jsonl", "prefs_train.jsonl", "prompts_train.jsonl")
 VAL_FILES = ("sft_val.jsonl", "prefs_val.jsonl", "prompts_val.jsonl")
+TEST_FILES = ("sft_test.jsonl", "prefs_test.jsonl", "prompts_test.jsonl")
 SAMPLE_FILES = (
     "corpus.txt",
     "corpus.jsonl",
@@ -52,9 +53,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return first, second
 
 
+def fact_keys(name: str) -> set[tuple[int, int]]:
+    return {parse_prompt(r["prompt"]).fact_key for r in read_jsonl(DATA_DIR / name)}
+
+
 @pytest.fixture(scope="module")
 def held_out_keys() -> set[tuple[int, int]]:
-    return {parse_prompt(r["prompt"]).fact_key for r in read_jsonl(DATA_DIR / "prompts_val.jsonl")}
+    """The fact families of the validation and the test problems: none may reach a training file."""
+    return fact_keys("prompts_val.jsonl") | fact_keys("prompts_test.jsonl")
 
 
 # ------------------------------------------------------------------------------ checker
@@ -110,15 +116,21 @@ def test_committed_data_matches_the_generator(runs: tuple[Path, Path]) -> None:
 def test_training_files_hold_6000_rows_and_held_out_files_the_same_400_prompts() -> None:
     for name in ("sft_train.jsonl", "prefs_train.jsonl"):
         assert len(read_jsonl(DATA_DIR / name)) == 6000
-    val_prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "prompts_val.jsonl")]
-    assert len(val_prompts) == len(set(val_prompts)) == 400
-    assert sum(parse_prompt(p).op == "+" for p in val_prompts) == 200
-    for name in VAL_FILES:
-        assert [r["prompt"] for r in read_jsonl(DATA_DIR / name)] == val_prompts
+    for files in (VAL_FILES, TEST_FILES):
+        prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / files[-1])]
+        assert len(prompts) == len(set(prompts)) == 400
+        assert sum(parse_prompt(p).op == "+" for p in prompts) == 200
+        for name in files:
+            assert [r["prompt"] for r in read_jsonl(DATA_DIR / name)] == prompts
+
+
+def test_validation_and_test_problems_share_no_fact_family() -> None:
+    assert len(fact_keys("prompts_val.jsonl")) == len(fact_keys("prompts_test.jsonl")) == 400
+    assert not fact_keys("prompts_val.jsonl") & fact_keys("prompts_test.jsonl")
 
 
 def test_no_held_out_problem_in_any_training_file(held_out_keys: set[tuple[int, int]]) -> None:
-    assert len(held_out_keys) == 400
+    assert len(held_out_keys) == 800
     # Training rows, and the samples (someone may train on those too).
     row_files = [DATA_DIR / name for name in TRAIN_FILES]
     row_files += sorted((DATA_DIR / "samples").glob("*.jsonl"))

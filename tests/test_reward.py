@@ -40,7 +40,8 @@ def test_score_puts_the_answer_a_reward_model_was_taught_to_prefer_above_the_rej
     capsys.readouterr()
 
     def score(prompt: str, response: str) -> float:
-        assert main(["score", run_dir.name, "--prompt", prompt, "--response", response, "--runs_dir", str(tmp_path)]) == 0
+        args = ["score", run_dir.name, "--prompt", prompt, "--response", response, "--runs_dir", str(tmp_path)]
+        assert main(args) == 0
         return float(capsys.readouterr().out)
 
     for row in map(json.loads, data.read_text().splitlines()):

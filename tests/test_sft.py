@@ -40,17 +40,22 @@ def test_a_length_limit_that_drops_many_rows_is_reported_with_the_rows_metrics_r
     assert "held-out metrics are computed on the 7 that fit. Raise --max_length to keep them." in out
 
 
-def test_the_sft_run_loads_and_stops_at_the_end_of_turn(sft_run):
+def test_the_sft_run_loads_with_the_end_of_turn_token_as_a_stop_token(sft_run):
     model = AutoModelForCausalLM.from_pretrained(sft_run)
     tokenizer = AutoTokenizer.from_pretrained(sft_run)
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    assert end in model.generation_config.eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+
+
+def greedy_reply_ids(run_dir, question: str) -> tuple[list[int], int]:
+    """A run's greedy reply to one question with its saved generation config, and its end-of-turn token id."""
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 12 + 30?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
-    assert end in out and out.index(end) == len(out) - 1  # generation ends at the end-of-turn token
+    return out, tokenizer.convert_tokens_to_ids("<|end|>")
 
 
 def test_latest_init_without_a_pretrain_run_says_how_to_make_one(tmp_path):
@@ -138,5 +143,9 @@ def test_sft_raises_the_task_accuracy_of_the_sums_it_was_taught(finished_run, tm
         max_steps=150,
         lr=1e-2,
     )
-    metrics = json.loads((sft.run(cfg) / "llmtrain.json").read_text())["metrics"]
+    run_dir = sft.run(cfg)
+    metrics = json.loads((run_dir / "llmtrain.json").read_text())["metrics"]
     assert metrics["task_accuracy"] >= metrics["parent_task_accuracy"] + 0.5
+    # A model that learned its answers learned to end them: generation stops at the end-of-turn token.
+    out, end = greedy_reply_ids(run_dir, "What is 12 + 30?")
+    assert end in out and out.index(end) == len(out) - 1

@@ -56,17 +56,21 @@ class CorpusStats:
     duplicates_dropped: int = 0
     train_documents: int = 0
     val_documents: int = 0
+    test_documents: int = 0
     train_tokens: int = 0
     val_tokens: int = 0
+    test_tokens: int = 0
     train_bytes: int = 0
     val_bytes: int = 0
+    test_bytes: int = 0
 
     def describe(self) -> str:
         """One line for the run's summary and `llmtrain prepare`."""
         return (
             f"{self.documents_read} documents read, {self.empty_dropped} empty and {self.duplicates_dropped} "
             f"duplicates dropped; train {self.train_tokens:,} tokens ({self.train_documents} docs), "
-            f"val {self.val_tokens:,} tokens ({self.val_documents} docs)"
+            f"val {self.val_tokens:,} tokens ({self.val_documents} docs), "
+            f"test {self.test_tokens:,} tokens ({self.test_documents} docs)"
         )
 
 
@@ -93,7 +97,7 @@ def default_data_dir(cache_dir: Path) -> Path:
     if (REPO_DATA_DIR / "corpus.txt").is_file():
         return REPO_DATA_DIR
     target = cache_dir / "default-data"
-    if not (target / "corpus.txt").is_file():
+    if not (target / "sft_test.jsonl").is_file():  # data generated before the test files came is made again
         from llmtrain.data.default_task import generate
 
         generate(target)
@@ -293,7 +297,7 @@ def documents_for_tokenizer(ds, max_chars: int = 1_000_000_000) -> Iterator[str]
 
 @dataclass
 class TokenShards:
-    """Cached token files of a corpus: train.bin and val.bin plus meta.json."""
+    """Cached token files of a corpus: train.bin, val.bin and test.bin plus meta.json."""
 
     path: Path
     dtype: str
@@ -312,9 +316,11 @@ def build_token_shards(
     dedup: bool = True,
     val_fraction: float = 0.02,
     num_proc: int | None = None,
+    test_fraction: float = 0.0,
 ) -> TokenShards:
-    """Clean, split and tokenize `ds` once; later calls with the same inputs reuse the cached shards."""
-    key = shards_key(tokenizer, data_fingerprint, dedup, val_fraction)
+    """Clean, split (train, validation, test: by document) and tokenize `ds` once; later calls with the same
+    inputs reuse the cached shards."""
+    key = shards_key(tokenizer, data_fingerprint, dedup, val_fraction, test_fraction)
     cached = cached_token_shards(cache_root, key)
     if cached is not None:
         return cached
@@ -332,14 +338,23 @@ def build_token_shards(
     streaming = not hasattr(ds, "__len__")
     if streaming:
         val_threshold = int(val_fraction * _VAL_BUCKETS)
-        is_val = lambda h: h % _VAL_BUCKETS < val_threshold  # noqa: E731
+        test_threshold = val_threshold + int(test_fraction * _VAL_BUCKETS)
+
+        def split_of(h: int) -> str:
+            bucket = h % _VAL_BUCKETS
+            return "val" if bucket < val_threshold else "test" if bucket < test_threshold else "train"
+
     else:
-        # With the documents counted, hold out exactly max(1, fraction * n) of them: those with the
-        # smallest content hashes, so the split is by document and does not depend on file order.
-        hashes = np.asarray(ds["hash"], dtype=np.int64)
+        # With the documents counted, hold out exactly max(1, fraction * n) of them for validation: those with the
+        # smallest content hashes, so the split is by document and does not depend on file order; the test
+        # documents are the next round(test_fraction * n).
+        hashes = np.sort(np.asarray(ds["hash"], dtype=np.int64))
         k = max(1, round(val_fraction * len(hashes))) if len(hashes) > 1 else 0
-        val_set = set(np.sort(hashes)[:k].tolist()) if k else set()
-        is_val = val_set.__contains__
+        k_test = round(test_fraction * len(hashes)) if len(hashes) > 2 else 0
+        val_set, test_set = set(hashes[:k].tolist()), set(hashes[k : k + k_test].tolist())
+
+        def split_of(h: int) -> str:
+            return "val" if h in val_set else "test" if h in test_set else "train"
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         # The Rust tokenizer directly: batched, and no warnings about documents longer than the context.
@@ -361,15 +376,20 @@ def build_token_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        with (
+            open(tmp / "train.bin", "wb") as ftrain,
+            open(tmp / "val.bin", "wb") as fval,
+            open(tmp / "test.bin", "wb") as ftest,
+        ):
+            files = {"train": ftrain, "val": fval, "test": ftest}
             for batch in tokenized.iter(batch_size=1000):
                 for ids, h, n_bytes in zip(batch["ids"], batch["hash"], batch["n_bytes"]):
-                    split = "val" if is_val(h) else "train"
-                    (fval if split == "val" else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
+                    split = split_of(h)
+                    files[split].write(np.asarray(ids, dtype=dtype).tobytes())
                     setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)
                     setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids))
                     setattr(stats, f"{split}_bytes", getattr(stats, f"{split}_bytes") + n_bytes)
-        if stats.train_documents + stats.val_documents == 0:
+        if stats.train_documents + stats.val_documents + stats.test_documents == 0:
             raise LLMTrainError(
                 f"The corpus is empty: {stats.documents_read} documents read, all of them empty"
                 f"{' or duplicates' if stats.duplicates_dropped else ''}. Give --data a corpus with text in it."
@@ -386,10 +406,11 @@ def build_token_shards(
     return TokenShards(out, dtype, stats, key)
 
 
-def shards_key(tokenizer, data_fingerprint: str, dedup: bool, val_fraction: float) -> str:
+def shards_key(tokenizer, data_fingerprint: str, dedup: bool, val_fraction: float, test_fraction: float = 0.0) -> str:
     """The cache key of a corpus's token shards: its fingerprint, the tokenizer's and the cleaning options."""
     tok_fp = _tokenizer_fingerprint(plain_backend(tokenizer))
-    return hashlib.sha256(f"{data_fingerprint}|{tok_fp}|{dedup}|{val_fraction}".encode()).hexdigest()[:20]
+    split = f"{val_fraction}|{test_fraction}" if test_fraction else f"{val_fraction}"
+    return hashlib.sha256(f"{data_fingerprint}|{tok_fp}|{dedup}|{split}".encode()).hexdigest()[:20]
 
 
 def cached_token_shards(cache_root: Path, key: str) -> TokenShards | None:
@@ -503,7 +524,7 @@ def find_pretrain_data(cfg: PretrainConfig, model: ModelSource, cache: Path) -> 
     data = PretrainData(corpus, fingerprint_corpus(corpus, **_read_options(cfg)))
     data.tokenizer = pretrain_tokenizer(cfg, model, data.fingerprint, cache)
     if data.tokenizer is not None:
-        key = shards_key(data.tokenizer, data.fingerprint, cfg.dedup, cfg.val_fraction)
+        key = shards_key(data.tokenizer, data.fingerprint, cfg.dedup, cfg.val_fraction, cfg.test_fraction)
         data.shards = cached_token_shards(cache / "tokens", key)
     return data
 
@@ -517,7 +538,14 @@ def prepare_pretrain_data(cfg: PretrainConfig, model: ModelSource, cache: Path) 
         if data.tokenizer is None:
             data.tokenizer = pretrain_tokenizer(cfg, model, data.fingerprint, cache, docs)
         data.shards = build_token_shards(
-            docs, data.tokenizer, cache / "tokens", data.fingerprint, cfg.dedup, cfg.val_fraction, cfg.num_proc
+            docs,
+            data.tokenizer,
+            cache / "tokens",
+            data.fingerprint,
+            cfg.dedup,
+            cfg.val_fraction,
+            cfg.num_proc,
+            cfg.test_fraction,
         )
         data.prepared_now = True
     return data
@@ -587,6 +615,7 @@ _PREPARE_OPTIONS = (
     "max_documents",
     "dedup",
     "val_fraction",
+    "test_fraction",
     "tokenizer",
     "vocab_size",
     "tokenizer_train_chars",

@@ -11,10 +11,11 @@ seed, so the committed files can always be rebuilt (and a test checks that they 
 
 Two design rules make the later stages measurable:
 
-* Held-out problems never reach training. About 400 problems are set aside and appear
-  only in the ``*_val.jsonl`` files. Every problem of the same fact family
-  (``23 + 45``, ``45 + 23``, ``68 - 23``, ``68 - 45``) is kept out of every training
-  file too, so held-out accuracy cannot be earned by recalling a rewording.
+* Held-out problems never reach training. 400 problems are set aside for validation and
+  appear only in the ``*_val.jsonl`` files, and 400 others for the test set, only in the
+  ``*_test.jsonl`` files. Every problem of the same fact family (``23 + 45``, ``45 + 23``,
+  ``68 - 23``, ``68 - 45``) is kept out of every other file too, so held-out accuracy
+  cannot be earned by recalling a rewording.
 * The SFT training answers come from a "sloppy annotator" who drops the carry (or the
   borrow) in about 35% of the problems that need one. The preference pairs are labelled
   by :func:`check_answer`, so DPO/PPO have a real, honest gain to show over SFT.
@@ -201,26 +202,33 @@ def answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(check_answer(p, r)) for p, r in zip(prompts, responses)]
 
 
-def split_problems(seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """Split the task into (training pool, held-out problems).
+def split_problems(seed: int = 0) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Split the task into (training pool, held-out problems, test problems).
 
-    The held-out problems are balanced between ``+`` and ``-`` and come from distinct
-    fact families; the training pool excludes every problem of those families.
+    The held-out (validation) and test problems are each balanced between ``+`` and ``-`` and come from
+    distinct fact families, none shared between them; the training pool excludes every problem of those
+    families. The validation problems are chosen first, so adding the test set left them as they were.
     """
     rng = _rng(seed, "held-out")
     problems = all_problems()
     order = problems.copy()
     rng.shuffle(order)
-    held_out: list[Problem] = []
-    held_keys: set[tuple[int, int]] = set()
-    per_op = dict.fromkeys(OPS, 0)
-    for problem in order:
-        if per_op[problem.op] < HELD_OUT_PER_OP and problem.fact_key not in held_keys:
-            held_out.append(problem)
-            held_keys.add(problem.fact_key)
-            per_op[problem.op] += 1
-    train_pool = [p for p in problems if p.fact_key not in held_keys]
-    return train_pool, held_out
+    taken: set[tuple[int, int]] = set()
+
+    def pick() -> list[Problem]:
+        chosen: list[Problem] = []
+        per_op = dict.fromkeys(OPS, 0)
+        for problem in order:
+            if per_op[problem.op] < HELD_OUT_PER_OP and problem.fact_key not in taken:
+                chosen.append(problem)
+                taken.add(problem.fact_key)
+                per_op[problem.op] += 1
+        return chosen
+
+    held_out = pick()
+    test = pick()
+    train_pool = [p for p in problems if p.fact_key not in taken]
+    return train_pool, held_out, test
 
 
 def mistakes(problem: Problem) -> list[int]:
@@ -394,7 +402,7 @@ def generate(out_dir: Path, seed: int = 0) -> dict[str, int]:
     Returns the number of rows (or documents, or bytes) of each file written.
     """
     out_dir = Path(out_dir)
-    train_pool, held_out = split_problems(seed)
+    train_pool, held_out, test = split_problems(seed)
     counts: dict[str, int] = {}
 
     rng = _rng(seed, "corpus")
@@ -410,17 +418,22 @@ def generate(out_dir: Path, seed: int = 0) -> dict[str, int]:
     counts["sft_train"] = _write_jsonl(out_dir / "sft_train.jsonl", sft)
     sft_val = [{"prompt": p.prompt, "response": p.response()} for p in held_out]
     counts["sft_val"] = _write_jsonl(out_dir / "sft_val.jsonl", sft_val)
+    sft_test = [{"prompt": p.prompt, "response": p.response()} for p in test]
+    counts["sft_test"] = _write_jsonl(out_dir / "sft_test.jsonl", sft_test)
 
     rng = _rng(seed, "prefs")
     prefs = [preference_pair(p, rng) for p in _balanced_sample(train_pool, PREFS_TRAIN_ROWS, rng)]
     counts["prefs_train"] = _write_jsonl(out_dir / "prefs_train.jsonl", prefs)
     prefs_val = [preference_pair(p, rng) for p in held_out]
     counts["prefs_val"] = _write_jsonl(out_dir / "prefs_val.jsonl", prefs_val)
+    prefs_test = [preference_pair(p, rng) for p in test]
+    counts["prefs_test"] = _write_jsonl(out_dir / "prefs_test.jsonl", prefs_test)
 
     rng = _rng(seed, "prompts")
     prompts = [{"prompt": p.prompt} for p in _balanced_sample(train_pool, PROMPTS_TRAIN_ROWS, rng)]
     counts["prompts_train"] = _write_jsonl(out_dir / "prompts_train.jsonl", prompts)
     counts["prompts_val"] = _write_jsonl(out_dir / "prompts_val.jsonl", [{"prompt": p.prompt} for p in held_out])
+    counts["prompts_test"] = _write_jsonl(out_dir / "prompts_test.jsonl", [{"prompt": p.prompt} for p in test])
 
     counts["samples"] = _write_samples(out_dir / "samples", train_pool, _rng(seed, "samples"))
     return counts

@@ -3,7 +3,9 @@
 Read top to bottom: accelerator and run folder, the policy (and LoRA), the pairs, the reference
 (a frozen copy, the adapter-disabled base with --lora, or log-probs computed once with
 --precompute_ref), the parent's scores, the loop, the end (held-out preference metrics, task
-accuracy, win rate against the parent judged by a reward model, save, register).
+accuracy, win rate against the parent judged by a reward model, keep the best, the test set once,
+save, register). Each evaluation measures the validation pairs and, the same way, a fixed sample
+of training pairs.
 
 The loop is the project's own rather than TRL's DPOTrainer so that DPO shares the run folder,
 resume, signal and multi-process rules of every other stage; the loss is `losses.dpo_loss`.
@@ -20,12 +22,18 @@ import torch
 from llmtrain.config import DpoConfig
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, sequence_logprobs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import (
+    held_out_counts,
+    tokenize_splits,
+    tokenize_test,
+    train_and_eval_rows,
+    trainset_sample,
+)
 from llmtrain.distributed import micro_step, prepare_frozen, process_share
-from llmtrain.evaluate import evaluate_answers, resolve_checker, win_rate
+from llmtrain.evaluate import evaluate_answers, item_scores, resolve_checker, win_rate
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.losses import dpo_loss
-from llmtrain.models import disable_dropout, load_causal_lm, load_policy, save_policy
+from llmtrain.models import disable_dropout, load_causal_lm, load_policy, parent_model, save_policy
 from llmtrain.registry import resolve_judge
 from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
@@ -52,12 +60,13 @@ def run(cfg: DpoConfig) -> Path:
     disable_dropout(model)  # as TRL does: policy and reference score alike, so the first loss is exactly log 2
 
     # ---- the pairs
-    train_pairs, eval_pairs = train_and_eval_rows(
+    train_pairs, eval_pairs, test_set = train_and_eval_rows(
         cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl"
     )
     (train, stats), (held_out, held_stats) = tokenize_splits(
         tokenize_pairs, tokenizer, train_pairs, eval_pairs, cfg.max_length, cfg, accelerator
     )
+    trainset = trainset_sample(train, len(held_out))
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / (global_batch * cfg.grad_accum)))
     eval_prompts = [p.prompt for p in eval_pairs if len(p.prompt) == 1][: cfg.task_eval_rows]
@@ -84,14 +93,19 @@ def run(cfg: DpoConfig) -> Path:
     pad_id = tokenizer.pad_token_id
     t_ref = time.perf_counter()
     eval_ref = score_pairs(reference, held_out, pad_id, cfg.batch_size, accelerator)
+    trainset_ref = score_pairs(reference, trainset, pad_id, cfg.batch_size, accelerator)
     train_ref = score_pairs(reference, train, pad_id, cfg.batch_size, accelerator) if cfg.precompute_ref else None
     reference_pass_s = time.perf_counter() - t_ref
     if cfg.precompute_ref and ref_model is not None:
         ref_model = None  # only needed to re-score after a resume
 
-    def answers(show: int = 0) -> tuple[dict[str, float], list[str]]:
-        """Greedy replies to the held-out prompts and their task accuracy."""
-        return evaluate_answers(raw_model, tokenizer, eval_prompts, cfg.max_new_tokens, accelerator, checker, show=show)
+    def answers(prompts=eval_prompts, show: int = 0, policy=None) -> tuple[dict[str, float], list[str]]:
+        """Greedy replies to prompts (the held-out ones) and their task accuracy; of the policy, or of `policy`."""
+        policy = policy if policy is not None else raw_model
+        return evaluate_answers(policy, tokenizer, prompts, cfg.max_new_tokens, accelerator, checker, show=show)
+
+    def preferences(pairs, ref: torch.Tensor) -> dict[str, float]:
+        return _preference_metrics(raw_model, pairs, ref, cfg, pad_id, accelerator)
 
     if loop.step == 0:  # the parent's answers: its task accuracy, and the replies the win rate compares against
         loop.state["parent_metrics"], loop.state["parent_replies"] = answers()
@@ -108,6 +122,7 @@ def run(cfg: DpoConfig) -> Path:
         data={
             "train": cfg.data,
             "eval": cfg.eval_data,
+            "test": test_set.source if test_set else None,
             **vars(stats),
             "held_out": held_out_counts(held_stats, len(eval_prompts)),
         },
@@ -141,26 +156,49 @@ def run(cfg: DpoConfig) -> Path:
                 margin = means["chosen_reward"] - means["rejected_reward"]
                 loop.log({"train_loss": means.pop("train_loss"), "margin": margin} | means)
             if loop.due(cfg.eval_every):
-                loop.log_eval(_preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator))
+                loop.evaluated(preferences(held_out, eval_ref), preferences(trainset, trainset_ref))
             loop.checkpoint()
 
-        # ---- the end: held-out preference metrics, task accuracy, win rate, save, register
-        # Evaluation runs on the unwrapped model: each rank scores its own share, with no DDP hooks in between.
-        final = _preference_metrics(raw_model, held_out, eval_ref, cfg, pad_id, accelerator)
-        task, replies = answers(show=cfg.num_samples)
-        final |= task
-        if judge is not None and eval_prompts:
-            final["win_rate"] = win_rate(
-                judge, eval_prompts, replies, loop.state["parent_replies"], accelerator, cfg.trust_remote_code
-            )
-        loop.log_eval(final)
+        # ---- the end: held-out preference metrics, task accuracy, win rate (the best evaluation's with
+        # --keep_best), the test set once, save, register. Evaluation runs on the unwrapped model: each rank scores
+        # its own share, with no DDP hooks in between.
+        def evaluate(show: int = 0) -> dict[str, float]:
+            metrics = preferences(held_out, eval_ref)
+            task, replies = answers(show=show)
+            if judge is not None and eval_prompts:
+                metrics["win_rate"] = win_rate(
+                    judge, eval_prompts, replies, loop.state["parent_replies"], accelerator, cfg.trust_remote_code
+                )
+            return metrics | task
+
+        final = evaluate(show=cfg.num_samples)
+        loop.evaluated(final, preferences(trainset, trainset_ref))
+        if loop.restore_best():
+            final = evaluate()
+        test = parent_test = items = None
+        tested = tokenize_test(tokenize_pairs, tokenizer, test_set, cfg.max_length, cfg, accelerator)
+        if tested is not None:
+            rows, (test_pairs, _) = tested
+            test_prompts = [p.prompt for p in rows if len(p.prompt) == 1][: cfg.task_eval_rows]
+            with parent_model(init, cfg, accelerator, raw_model, ref_model) as parent:
+                test_ref = score_pairs(lambda b: _logprobs(parent, b), test_pairs, pad_id, cfg.batch_size, accelerator)
+                parent_test, parent_replies = answers(test_prompts, policy=parent)
+            test = preferences(test_pairs, test_ref)
+            task, replies = answers(test_prompts)
+            test |= task
+            if judge is not None and test_prompts:
+                test["win_rate"] = win_rate(
+                    judge, test_prompts, replies, parent_replies, accelerator, cfg.trust_remote_code
+                )
+            if checker is not None:
+                items = item_scores(test_prompts, replies, parent_replies, checker)
         save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
         summary = [f"held-out preference accuracy {final['val_accuracy']:.3f}"]
         if "task_accuracy" in final:
             summary.append(f"task_accuracy {parent['task_accuracy']:.4f} -> {final['task_accuracy']:.4f}")
         if "win_rate" in final:
             summary.append(f"win rate vs parent {final['win_rate']:.3f}")
-        loop.finish(final, PLOT_CURVES, ", ".join(summary))
+        loop.finish(final, PLOT_CURVES, ", ".join(summary), test=test, parent_test=parent_test, test_items=items)
     return run.path
 
 

@@ -1,7 +1,9 @@
 """PPO: tune a causal LM (the policy) to raise a reward, held near its SFT parent by a per-token KL penalty.
 
 Read top to bottom: accelerator and run folder, the models (policy, frozen reference, critic, reward),
-the prompts, the parent's held-out answers, the loop, the end (evaluate, save, register). Each step:
+the prompts, the parent's held-out answers, the loop, the end (evaluate, keep the best, the test prompts once,
+save, register). Each evaluation answers the validation prompts and, the same way, a fixed sample of training
+prompts; the fit verdict watches the reward against task accuracy (reward hacking). Each step:
 
 1. rollouts: this process's share of the step's prompts, answered by sampling from the policy (KV
    cache, left-padded prompts, each row's sample a pure function of seed, step and row), cut after the
@@ -34,10 +36,16 @@ from torch import nn
 from llmtrain.config import PpoConfig
 from llmtrain.data.prompts import load_prompts, question_of, tokenize_prompts
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import (
+    held_out_counts,
+    tokenize_splits,
+    tokenize_test,
+    train_and_eval_rows,
+    trainset_sample,
+)
 from llmtrain.distributed import micro_step, prepare_frozen, root_gathered, sum_across
 from llmtrain.errors import LLMTrainError
-from llmtrain.evaluate import evaluate_answers, resolve_checker
+from llmtrain.evaluate import evaluate_answers, item_scores, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
 from llmtrain.models import (
@@ -46,6 +54,7 @@ from llmtrain.models import (
     load_causal_lm,
     load_policy,
     load_reward_model,
+    parent_model,
     save_policy,
     token_scores,
 )
@@ -93,7 +102,9 @@ def run(cfg: PpoConfig) -> Path:
     critic_kind = actor_critic.critic_kind
 
     # ---- prompts
-    train_rows, eval_rows = train_and_eval_rows(cfg, run, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl")
+    train_rows, eval_rows, test_set = train_and_eval_rows(
+        cfg, run, load_prompts, "prompts_train.jsonl", "prompts_val.jsonl"
+    )
     prompt_budget = cfg.max_length - cfg.max_new_tokens
     (prompt_ids, prompts, stats), (_, eval_kept, eval_stats) = tokenize_splits(
         tokenize_prompts, tokenizer, train_rows, eval_rows, prompt_budget, cfg, accelerator
@@ -103,13 +114,19 @@ def run(cfg: PpoConfig) -> Path:
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompt_ids) / global_batch))
 
-    def evaluate(show: int = 0) -> dict[str, float]:
-        """Greedy answers to the held-out prompts: task accuracy and mean reward."""
+    trainset_prompts = trainset_sample(prompts, len(eval_prompts))
+    replies: list[str] = []
+
+    def evaluate(show: int = 0, on=eval_prompts, policy=None) -> dict[str, float]:
+        """Greedy answers to prompts (the held-out ones): task accuracy and mean reward; of the policy, or of
+        `policy`. The replies are kept in `replies`."""
         # The policy is called outside its actor-critic, whose forward alone Accelerate runs in mixed precision.
         with root_gathered(raw), accelerator.autocast():
-            return evaluate_answers(
-                raw.policy, tokenizer, eval_prompts, cfg.max_new_tokens, accelerator, checker, reward, show
-            )[0]
+            policy = policy if policy is not None else raw.policy
+            metrics, replies[:] = evaluate_answers(
+                policy, tokenizer, on, cfg.max_new_tokens, accelerator, checker, reward, show
+            )
+        return metrics
 
     groups = param_groups(actor_critic.policy, cfg.lr, cfg.weight_decay)
     if actor_critic.critic is not None:
@@ -123,8 +140,12 @@ def run(cfg: PpoConfig) -> Path:
             actor_critic(one, one, one - 1)
     loop = Loop.begin(cfg, accelerator, run, actor_critic, optimizer, total_steps)
     loop.sync_every_step = True  # each step reads its rollouts on the host anyway (texts, rewards, the KL)
+    loop.metric, loop.kl_bound = "val_reward", cfg.hacking_kl
+    loop.guard, loop.guard_rows = ("task_accuracy", len(eval_prompts)) if checker is not None else (None, 0)
     if loop.step == 0:
-        loop.state = {"parent_metrics": evaluate(), "reward_shift": None, "kl_coef": cfg.kl_coef}
+        parent_metrics, parent_trainset = evaluate(), evaluate(on=trainset_prompts)
+        loop.state = {"parent_metrics": parent_metrics, "parent_trainset": parent_trainset}
+        loop.state |= {"reward_shift": None, "kl_coef": cfg.kl_coef}
     parent = loop.state["parent_metrics"]
     kl_ctl = KLController(loop.state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
     loop.start(
@@ -143,6 +164,7 @@ def run(cfg: PpoConfig) -> Path:
         data={
             "train": cfg.data,
             "eval": cfg.eval_data,
+            "test": test_set.source if test_set else None,
             "prompts": len(prompt_ids),
             "dropped_too_long": stats.dropped,
             "held_out": held_out_counts(eval_stats, len(eval_prompts)),
@@ -196,19 +218,33 @@ def run(cfg: PpoConfig) -> Path:
             if cfg.sample_every and (loop.step % cfg.sample_every == 0 or loop.step == 1):
                 _show_samples(run, loop.step, rollout, raw_scores, cfg, accelerator)
             if loop.due(cfg.eval_every):
-                loop.log_eval(evaluate())
+                loop.evaluated(evaluate(), evaluate(on=trainset_prompts))
             loop.checkpoint()
 
-        # ---- the end: held-out answers, save, register
+        # ---- the end: held-out answers (the best evaluation's with --keep_best), the test prompts once, save,
+        # register
         final = evaluate(show=cfg.num_samples)
-        loop.log_eval(final)
+        loop.evaluated(final, evaluate(on=trainset_prompts))
+        if loop.restore_best():
+            final = evaluate()
+        test = parent_test = items = None
+        tested = tokenize_test(tokenize_prompts, tokenizer, test_set, prompt_budget, cfg, accelerator)
+        if tested is not None:
+            _, (_, test_prompts, _) = tested
+            test_prompts = test_prompts[: cfg.task_eval_rows]
+            test = evaluate(on=test_prompts)
+            ours = list(replies)
+            with parent_model(init, cfg, accelerator, raw.policy, reference) as parent:
+                parent_test = evaluate(on=test_prompts, policy=parent)
+            if checker is not None:
+                items = item_scores(test_prompts, ours, replies, checker)
         state_dict = loop.full_state_dict()
         policy_state = {k.removeprefix("policy."): v for k, v in (state_dict or {}).items() if k.startswith("policy.")}
         save_policy(raw.policy, policy_state, tokenizer, run.path, cfg, accelerator)
         final |= {k: loop.last[k] for k in ("reward_mean", "kl", "response_length") if k in loop.last}
         final |= {"reward_shift": loop.state["reward_shift"], "kl_coef": kl_ctl.value}
         gains = ", ".join(f"{k} {parent[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent)
-        loop.finish(final, PLOT_CURVES, gains)
+        loop.finish(final, PLOT_CURVES, gains, test=test, parent_test=parent_test, test_items=items, kl=final.get("kl"))
     return run.path
 
 

@@ -1,8 +1,10 @@
 """Pretraining: a causal LM on a text corpus, with a nanoGPT-style loop on Accelerate.
 
-Read top to bottom: accelerator and run folder, tokenizer, token shards, model, optimizer, the loop,
-the end (evaluate, sample, save, register). Every stop, whether max_steps, token budget, time
-budget or a signal, ends the same way: a checkpoint or a finished run, never a lost one.
+Read top to bottom: accelerator and run folder, tokenizer, token shards (train, validation and test
+documents), model, optimizer, the loop, the end (evaluate, keep the best, the test documents once,
+sample, save, register). Each evaluation measures the validation windows and as many training windows.
+Every stop, whether max_steps, token budget, time budget or a signal, ends the same way: a checkpoint
+or a finished run, never a lost one.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def run(cfg: PretrainConfig) -> Path:
     val_data = TokenWindows(shards.tokens("val"), cfg.seq_len, "val")
     token_bytes = torch.tensor(token_byte_lengths(tokenizer), device=device)
 
-    def evaluate() -> dict[str, float]:
-        return evaluate_lm(model, val_data, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
+    train_sample = TokenWindows(shards.tokens("train")[: val_data.tokens.size], cfg.seq_len, "train")
+
+    def evaluate(windows: TokenWindows = val_data) -> dict[str, float]:
+        return evaluate_lm(model, windows, token_bytes, cfg.batch_size, cfg.eval_batches, accelerator)
 
     # ---- model and optimizer
     model = _build_model(cfg, source, tokenizer)
@@ -88,10 +92,8 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ---- the loop
     model.train()
-    last_val: dict[str, float] = {}
-    if loop.step == 0 and cfg.eval_every > 0:
-        last_val = evaluate()
-        loop.log_eval(last_val)
+    if loop.step == 0 and cfg.eval_every > 0:  # the fresh (or continued) model: the curves' first point
+        loop.evaluated(evaluate(), evaluate(train_sample))
     with loop.training():
         for _ in loop.steps():
             if cfg.max_tokens and loop.state["tokens_seen"] >= cfg.max_tokens:  # a resumed run with a larger batch
@@ -114,17 +116,22 @@ def run(cfg: PretrainConfig) -> Path:
                 logged = {"train_loss": totals[0] / world} | ({"grad_norm": grad_norm} if grad_norm is not None else {})
                 loop.log(logged | {"tokens_seen": loop.state["tokens_seen"]})
             if loop.due(cfg.eval_every):
-                last_val = evaluate()
-                loop.log_eval(last_val)
-                loop.write(f"step {loop.step}: val_loss {last_val['val_loss']:.4f}  val_bpb {last_val['val_bpb']:.4f}")
+                val = evaluate()
+                loop.evaluated(val, evaluate(train_sample))
+                loop.write(f"step {loop.step}: val_loss {val['val_loss']:.4f}  val_bpb {val['val_bpb']:.4f}")
             if loop.due(cfg.sample_every):
                 _print_samples(loop.write, raw_model, tokenizer, val_data, cfg, accelerator)
             loop.checkpoint()
 
-        # ---- the end: evaluate, sample, save a Hugging Face checkpoint, register
+        # ---- the end: evaluate (the best evaluation's weights with --keep_best), the test documents once, sample,
+        # save a Hugging Face checkpoint, register
         final = evaluate()
-        if final != last_val:
-            loop.log_eval(final)
+        loop.evaluated(final, evaluate(train_sample))
+        if loop.restore_best():
+            final = evaluate()
+        test = None
+        if shards.stats.test_tokens > cfg.seq_len:
+            test = evaluate(TokenWindows(shards.tokens("test"), cfg.seq_len, "test"))
         _print_samples(print, raw_model, tokenizer, val_data, cfg, accelerator)
         state_dict = loop.full_state_dict()
         if accelerator.is_main_process:
@@ -142,6 +149,7 @@ def run(cfg: PretrainConfig) -> Path:
             PLOT_CURVES,
             f"val_loss {final['val_loss']:.4f}, val_bpb {final['val_bpb']:.4f}, "
             f"{final['tokens_per_s']:,.0f} tokens/s ({loop.stop_reason})",
+            test=test,
         )
     return run.path
 

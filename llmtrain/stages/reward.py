@@ -2,11 +2,15 @@
 
 Read top to bottom: accelerator and run folder, the model (a causal LM run turned into a native
 `AutoModelForSequenceClassification`; the score is read at the last real token), the pairs, the
-loop, the end (pairwise accuracy, score distributions, save, register).
+loop, the end (pairwise accuracy, keep the best, test once, score distributions, save, register).
+Each evaluation measures the validation pairs and, the same way, a fixed sample of training pairs.
+A reward model has no parent with a score, so there are no parent figures.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -16,7 +20,13 @@ import torch
 from llmtrain.config import RewardConfig
 from llmtrain.data.preferences import collate_pairs, load_preference_pairs, tokenize_pairs
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import (
+    held_out_counts,
+    tokenize_splits,
+    tokenize_test,
+    train_and_eval_rows,
+    trainset_sample,
+)
 from llmtrain.distributed import micro_step, process_share
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
@@ -49,12 +59,17 @@ def run(cfg: RewardConfig) -> Path:
     disable_dropout(model)  # as TRL does: the two answers of a pair are scored by one function, not two samples
 
     # ---- data
-    train_pairs, eval_pairs = train_and_eval_rows(
+    train_pairs, eval_pairs, test_set = train_and_eval_rows(
         cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl"
     )
     (train, stats), (held_out, held_stats) = tokenize_splits(
         tokenize_pairs, tokenizer, train_pairs, eval_pairs, cfg.max_length, cfg, accelerator
     )
+    trainset = trainset_sample(train, len(held_out))
+
+    def evaluate(pairs) -> tuple[dict[str, float], dict]:
+        return evaluate_pairs(model, pairs, pad_id, cfg.batch_size, accelerator)
+
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / (global_batch * cfg.grad_accum)))
 
@@ -65,7 +80,13 @@ def run(cfg: RewardConfig) -> Path:
         f"{stats.dropped} dropped), {total_steps} steps",
         init=init,
         model={"architecture": type(raw_model).__name__},
-        data={"train": cfg.data, "eval": cfg.eval_data, **vars(stats), "held_out": held_out_counts(held_stats)},
+        data={
+            "train": cfg.data,
+            "eval": cfg.eval_data,
+            "test": test_set.source if test_set else None,
+            **vars(stats),
+            "held_out": held_out_counts(held_stats),
+        },
     )
 
     # ---- the loop
@@ -91,12 +112,24 @@ def run(cfg: RewardConfig) -> Path:
                 loss_sum, correct, pairs = totals
                 loop.log({"train_loss": loss_sum / pairs, "train_accuracy": correct / pairs})
             if loop.due(cfg.eval_every):
-                loop.log_eval(evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)[0])
+                loop.evaluated(evaluate(held_out)[0], evaluate(trainset)[0])
             loop.checkpoint()
 
-        # ---- the end: pairwise accuracy on held-out pairs, score distributions, save, register
-        final, scores = evaluate_pairs(model, held_out, pad_id, cfg.batch_size, accelerator)
-        loop.log_eval(final)
+        # ---- the end: pairwise accuracy on held-out pairs (the best evaluation's with --keep_best), the test
+        # pairs once, score distributions, save, register
+        final, scores = evaluate(held_out)
+        loop.evaluated(final, evaluate(trainset)[0])
+        if loop.restore_best():
+            final, scores = evaluate(held_out)
+        test = items = None
+        tested = tokenize_test(tokenize_pairs, tokenizer, test_set, cfg.max_length, cfg, accelerator)
+        if tested is not None:
+            rows, (test_pairs, _) = tested
+            test, test_scores = evaluate(test_pairs)
+            items = [
+                {"item": _pair_key(pair), "score": float(c > r)}
+                for pair, c, r in zip(test_pairs, test_scores["chosen"], test_scores["rejected"])
+            ]
         save_reward_model(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
         final |= {
             "chosen_score_mean": float(np.mean(scores["chosen"])),
@@ -107,8 +140,16 @@ def run(cfg: RewardConfig) -> Path:
             PLOT_CURVES,
             f"reward_accuracy {final['reward_accuracy']:.4f} on {len(held_out)} held-out pairs",
             histograms={"held-out scores": scores},
+            test=test,
+            test_items=items,
         )
     return run.path
+
+
+def _pair_key(pair) -> str:
+    """A test pair's key in test_items.jsonl: a digest of both sides' tokens (the same pair, the same key)."""
+    ids = [*pair.chosen.input_ids, -1, *pair.rejected.input_ids]
+    return hashlib.sha1(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: a causal LM on prompt/response or chat data, loss on assistant tokens only.
 
 Read top to bottom: accelerator and run folder, the model to tune (and LoRA), the chat data, the
-parent's task accuracy, the loop, the end (evaluate, sample, save, register). Batches are a pure
+parent's evaluation, the loop, the end (evaluate, keep the best, test once, save, register). Each
+evaluation measures the validation rows and, the same way, a fixed sample of training rows. Batches are a pure
 function of (seed, step), and the loss of a step is averaged over the trained tokens of the whole
 global batch, so resuming, accumulating and adding processes all give the same curve.
 """
@@ -9,6 +10,7 @@ global batch, so resuming, accumulating and adding processes all give the same c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +25,17 @@ from llmtrain.data.chat import (
     tokenize_dataset,
 )
 from llmtrain.data.schedule import batch_indices
-from llmtrain.data.splits import held_out_counts, tokenize_splits, train_and_eval_rows
+from llmtrain.data.splits import (
+    held_out_counts,
+    tokenize_splits,
+    tokenize_test,
+    train_and_eval_rows,
+    trainset_sample,
+)
 from llmtrain.distributed import micro_step
-from llmtrain.evaluate import chat_eval_loss, evaluate_answers, resolve_checker
+from llmtrain.evaluate import chat_eval_loss, evaluate_answers, item_scores, resolve_checker
 from llmtrain.loop import Loop, open_run, prepare
-from llmtrain.models import load_policy, save_policy
+from llmtrain.models import load_policy, parent_model, save_policy
 from llmtrain.runtime import to_device
 from llmtrain.tokenizer import load_tokenizer
 
@@ -47,8 +55,8 @@ def run(cfg: SftConfig) -> Path:
     tokenizer = load_tokenizer(init.path, cfg.chat_template, cfg.trust_remote_code)
     model = load_policy(init, tokenizer, cfg, accelerator)
 
-    # ---- data: rows -> chat messages -> tokenized examples (-> packed rows)
-    train_rows, eval_rows = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
+    # ---- data: rows -> chat messages -> tokenized examples (-> packed rows); the test rows wait for the end
+    train_rows, eval_rows, test_set = train_and_eval_rows(cfg, run, load_chat_rows, "sft_train.jsonl", "sft_val.jsonl")
     (train_examples, train_stats), (eval_examples, eval_stats) = tokenize_splits(
         tokenize_dataset, tokenizer, train_rows, eval_rows, cfg.max_length, cfg, accelerator
     )
@@ -56,25 +64,35 @@ def run(cfg: SftConfig) -> Path:
     collate = collate_packed if cfg.packing else collate_padded
     global_batch = cfg.batch_size * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(items) / (global_batch * cfg.grad_accum)))
-    eval_prompts = [[{"role": "user", "content": p}] for p in map(_prompt_of, eval_rows) if p is not None]
-    eval_prompts = eval_prompts[: cfg.task_eval_rows]
+    eval_prompts = _prompts(eval_rows)[: cfg.task_eval_rows]
     checker = resolve_checker(cfg.task, [p[0]["content"] for p in eval_prompts])
+    trainset = Split(
+        trainset_sample(train_examples, len(eval_examples)), _prompts(trainset_sample(train_rows, len(eval_prompts)))
+    )
+    held_out = Split(eval_examples, eval_prompts)
 
-    def evaluate(answers: bool, show: int = 0) -> dict[str, float]:
-        """Held-out loss on assistant tokens, and the task accuracy of greedy answers when a checker applies."""
+    def evaluate(split: Split, answers: bool, show: int = 0, policy=None) -> dict[str, float]:
+        """Loss on the assistant tokens of a split's examples, and the task accuracy of greedy answers to its
+        prompts when a checker applies; of the model being tuned, or of `policy`."""
+        policy = policy if policy is not None else raw_model
         metrics = {
-            "val_loss": chat_eval_loss(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, accelerator)
+            "val_loss": chat_eval_loss(policy, split.examples, tokenizer.pad_token_id, cfg.batch_size, accelerator)
         }
-        if answers:
-            metrics |= evaluate_answers(
-                raw_model, tokenizer, eval_prompts, cfg.max_new_tokens, accelerator, checker, show=show
-            )[0]
+        if answers and checker is not None:
+            task, split.replies = evaluate_answers(
+                policy, tokenizer, split.prompts, cfg.max_new_tokens, accelerator, checker, show=show
+            )
+            metrics |= task
         return metrics
+
+    # Evaluations during training answer the prompts only when the best step is chosen by task accuracy.
+    answer_often = cfg.keep_best == "task_accuracy"
 
     model, optimizer, raw_model = prepare(accelerator, cfg, model)
     loop = Loop.begin(cfg, accelerator, run, model, optimizer, total_steps)
     if loop.step == 0:
-        loop.state["parent_metrics"] = evaluate(answers=checker is not None)
+        loop.state["parent_metrics"] = evaluate(held_out, answers=True)
+        loop.state["parent_trainset"] = evaluate(trainset, answers=True)
     parent_metrics = loop.state["parent_metrics"]
     loop.start(
         f"tuning {init.spec} on {len(train_examples):,} examples ({train_stats.truncated} truncated, "
@@ -84,6 +102,7 @@ def run(cfg: SftConfig) -> Path:
         data={
             "train": cfg.data,
             "eval": cfg.eval_data,
+            "test": test_set.source if test_set else None,
             "packing": cfg.packing,
             **vars(train_stats),
             "held_out": held_out_counts(eval_stats, len(eval_prompts)),
@@ -120,19 +139,47 @@ def run(cfg: SftConfig) -> Path:
             if totals is not None:
                 loop.log({"train_loss": totals[0]})
             if loop.due(cfg.eval_every):
-                loop.log_eval(evaluate(answers=False))
+                loop.evaluated(evaluate(held_out, answer_often), evaluate(trainset, answer_often))
             loop.checkpoint()
 
-        # ---- the end: evaluate, sample, save, register
-        final = evaluate(answers=checker is not None, show=cfg.num_samples)
-        loop.log_eval(final)
+        # ---- the end: evaluate (the best evaluation's weights with --keep_best), test once, save, register
+        final = evaluate(held_out, answers=True, show=cfg.num_samples)
+        loop.evaluated(final, evaluate(trainset, answers=True))
+        if loop.restore_best():
+            final = evaluate(held_out, answers=True)
+        test = parent_test = items = None
+        tested = tokenize_test(tokenize_dataset, tokenizer, test_set, cfg.max_length, cfg, accelerator)
+        if tested is not None:
+            rows, (examples, _) = tested
+            test_split = Split(examples, _prompts(rows)[: cfg.task_eval_rows])
+            test = evaluate(test_split, answers=True)
+            ours = test_split.replies
+            with parent_model(init, cfg, accelerator, raw_model) as parent:
+                parent_test = evaluate(test_split, answers=True, policy=parent)
+            if checker is not None:
+                items = item_scores(test_split.prompts, ours, test_split.replies, checker)
         save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
         gains = ", ".join(f"{k} {parent_metrics[k]:.4f} -> {final[k]:.4f}" for k in final if k in parent_metrics)
-        loop.finish(final, PLOT_CURVES, gains)
+        loop.finish(final, PLOT_CURVES, gains, test=test, parent_test=parent_test, test_items=items)
     return run.path
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Split:
+    """What an evaluation measures: tokenized examples (the loss) and single-turn prompts (task accuracy), and the
+    replies of its last answering."""
+
+    examples: list
+    prompts: list[list[dict]]
+    replies: list[str] = field(default_factory=list)
+
+
+def _prompts(rows: list[list[dict]]) -> list[list[dict]]:
+    """The user turn of each single-turn conversation: what task accuracy asks."""
+    return [[{"role": "user", "content": p}] for p in map(_prompt_of, rows) if p is not None]
 
 
 def _prompt_of(messages: list[dict]) -> str | None:
