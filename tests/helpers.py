@@ -163,12 +163,16 @@ def fit_line(
     nan_loss_at: int | None = None,
     stop_in_final: bool = False,
     parent: Path | None = None,
+    val_losses: dict[int, float] | None = None,
+    weights_at: dict[int, float] | None = None,
     **overrides,
 ):
     """A stage in miniature on the loop spine (open, start, loop, save, finish) fitting y = 3x - 0.5 with one linear
     layer: SIGTERM to itself during step `stop_at` (or during the final save, `stop_in_final`), NaN gradients during
     the steps in `nan_grads_at`, a NaN loss reported at step `nan_loss_at`; `parent`, a model folder it records as
-    the one it starts from. Returns the run and the model."""
+    the one it starts from; `val_losses`, a scripted validation loss evaluated after those steps (and the last),
+    the model's weight then recorded in `weights_at`, the restored best reloaded before the save. Returns the run
+    and the model."""
     import signal
 
     import torch
@@ -203,7 +207,16 @@ def fit_line(
             totals = loop.reduce(loss.detach()[None] * poison, tokens=len(x))
             if totals is not None:
                 loop.log({"train_loss": totals[0]})
+            if val_losses and loop.step in val_losses and loop.step < loop.total_steps:
+                loop.evaluated({"val_loss": val_losses[loop.step]}, {"val_loss": loss.item()})
+                if weights_at is not None:
+                    weights_at[loop.step] = model.weight.item()
             loop.checkpoint()
+        if val_losses:
+            loop.evaluated({"val_loss": val_losses[loop.step]}, {"val_loss": loss.item()})
+            if weights_at is not None:
+                weights_at[loop.step] = model.weight.item()
+            loop.restore_best()
         if stop_in_final:  # as if a scheduler stopped the job during the final evaluation or save
             os.kill(os.getpid(), signal.SIGTERM)
         torch.save(model.state_dict(), run.path / "weights.pt")  # as a stage saves its model before the finish

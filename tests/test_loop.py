@@ -186,3 +186,56 @@ def test_under_fp16_the_loss_scaler_skips_overflowing_steps_and_the_run_goes_on(
     run, model = fit_line(tmp_path, nan_grads_at=(3, 6))
     assert read_manifest(run.path)["status"] == "finished" and torch.isfinite(model.weight).all()
     assert scalers[0].get_scale() < 1.0  # it saw the two overflows, skipped those steps and lowered its scale
+
+
+# ---------------------------------------------------------------- evaluations: best step, early stopping, fit
+
+VAL = {2: 1.0, 4: 0.5, 6: 0.8, 8: 0.9}  # best at step 4, then worse twice: the last step's weights are not the best
+
+
+def test_keep_best_saves_the_weights_of_the_best_evaluation_not_the_last_step(tmp_path):
+    weights: dict[int, float] = {}
+    run, model = fit_line(tmp_path, val_losses=VAL, weights_at=weights, keep_best="val_loss")
+    m = read_manifest(run.path)
+    assert m["best"] == {"step": 4, "metric": "val_loss", "value": 0.5} and m["metrics"]["steps"] == 8
+    saved = torch.load(run.path / "weights.pt")["weight"].item()
+    assert saved == weights[4] != weights[8]
+    assert not (run.path / "checkpoints").exists()  # the best checkpoint goes with the others
+
+
+def test_without_keep_best_the_last_steps_weights_are_kept(tmp_path):
+    weights: dict[int, float] = {}
+    run, _ = fit_line(tmp_path, val_losses=VAL, weights_at=weights)
+    assert torch.load(run.path / "weights.pt")["weight"].item() == weights[8]
+    assert "best" not in read_manifest(run.path)
+
+
+def test_the_best_evaluation_survives_a_resume(tmp_path):
+    weights: dict[int, float] = {}
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=5, val_losses=VAL, weights_at=weights, keep_best="val_loss")
+    run, _ = fit_line(tmp_path, val_losses=VAL, weights_at=weights, keep_best="val_loss", resume=True)
+    assert read_manifest(run.path)["best"]["step"] == 4
+    assert torch.load(run.path / "weights.pt")["weight"].item() == weights[4]
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, capsys):
+    val = {2: 1.0, 4: 0.9, 6: 0.95, 8: 0.97, 10: 0.5, 20: 0.4}
+    run, _ = fit_line(tmp_path, val_losses=val, max_steps=20, early_stopping_patience=2)
+    metrics = read_manifest(run.path)["metrics"]
+    assert metrics["stop_reason"] == "early_stopping" and metrics["steps"] == 8
+    assert "no better than 0.9 (step 4) for 2 evaluations: stopping early" in capsys.readouterr().out
+
+
+def test_the_fit_verdict_is_recorded_and_said_last(tmp_path, capsys):
+    run, _ = fit_line(tmp_path, val_losses=VAL)
+    fit = read_manifest(run.path)["fit"]
+    assert fit["verdict"] == "overfitting" and fit["best_step"] == 4  # the line's training loss kept falling
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("fit: OVERFITTING: val_loss was best at step 4")
+    rows = logged(run.path)
+    assert rows[4]["val_loss"] == 0.5 and rows[4]["trainset_loss"] > rows[8]["trainset_loss"]
+
+
+def test_keep_best_naming_a_metric_the_evaluations_do_not_measure_is_refused(tmp_path):
+    with pytest.raises(LLMTrainError, match=r"--keep_best task_accuracy: this sft run's evaluations measure val_loss"):
+        fit_line(tmp_path, val_losses=VAL, keep_best="task_accuracy")
