@@ -314,7 +314,12 @@ def latest_run(runs_dir: str | Path, stage: str, finished: bool = True) -> dict[
     return runs[-1] if runs else None
 
 
-HEADLINE_METRICS = ("task_accuracy", "reward_accuracy", "val_reward", "val_bpb", "val_loss")
+# The test set's figure first (evaluated once, chosen by nothing), else validation's.
+HEADLINE_METRICS = tuple(
+    name
+    for metric in ("task_accuracy", "reward_accuracy", "val_reward", "val_bpb", "val_loss")
+    for name in ("test_" + metric.removeprefix("val_"), metric)
+)
 
 
 def headline(manifest: dict[str, Any]) -> str:

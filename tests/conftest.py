@@ -62,6 +62,19 @@ def sft_run(finished_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def taught_run(finished_run, tmp_path_factory) -> Path:
+    """`tiny` tuned on the eight taught sums until it answers them all (150 steps, four seeds: 0 before, 1.0 after),
+    evaluated on them: a model with a task accuracy to lose."""
+    from helpers import write_taught_sums
+
+    from llmtrain.stages import sft
+
+    data = write_taught_sums(tmp_path_factory.mktemp("taught") / "sums.jsonl", "sft")
+    taught = dict(data=str(data), eval_data=str(data), batch_size=8, max_steps=150, lr=1e-2)
+    return sft.run(tiny_sft_config(finished_run.parent, run_name="taught", **taught))
+
+
+@pytest.fixture(scope="session")
 def reward_run(sft_run) -> Path:
     """One finished reward model on `sft-tiny`, shared by the reward, DPO and PPO tests."""
     from llmtrain.stages import reward

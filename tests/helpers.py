@@ -65,6 +65,13 @@ def short_answer_reward(prompts: list[str], responses: list[str]) -> list[float]
     return [-len(r) / 10 for r in responses]
 
 
+def wrong_answer_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that pays for something other than a right answer: 1 for a wrong one (the default task's checker)."""
+    from llmtrain.data.default_task import answer_reward
+
+    return [1.0 - right for right in answer_reward(prompts, responses)]
+
+
 def wrong_length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """A broken reward function: one score whatever the number of responses."""
     return [0.0]

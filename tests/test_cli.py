@@ -15,7 +15,7 @@ def test_runs_lists_each_run_with_its_stage_status_and_headline_metric(finished_
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["name", "stage", "status"]
     row = next(line for line in out if line.startswith("tiny "))
-    assert row.split()[1:3] == ["pretrain", "finished"] and "val_bpb=" in row
+    assert row.split()[1:3] == ["pretrain", "finished"] and "test_bpb=" in row  # the test set's figure
 
 
 def test_generate_continues_the_prompt_from_a_run(finished_run, capsys):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, env_for, logged, manifest, tiny_ppo_config
+from helpers import REPO, TAUGHT_SUMS, env_for, logged, manifest, tiny_ppo_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -279,3 +279,30 @@ def test_a_crash_inside_the_loop_marks_the_run_failed_not_running(sft_run, monke
     with pytest.raises(RuntimeError, match="a bug"):
         ppo.run(tiny_ppo_config(sft_run.parent, run_name="ppo-bug", max_steps=1, task_eval_rows=2))
     assert manifest(sft_run.parent / "ppo-bug")["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_reward_that_pays_for_wrong_answers_is_called_reward_hacking(taught_run, capsys):
+    # The taught model answers its eight sums right; a reward paying for wrong answers rises as PPO finds them,
+    # while the task accuracy the checker measures on the same prompts, which PPO does not optimize, falls.
+    sums = taught_run / "sums.jsonl"
+    sums.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?"}) + "\n" for a, b in TAUGHT_SUMS))
+    cfg = tiny_ppo_config(
+        taught_run.parent,
+        init="taught",
+        run_name="ppo-hacked",
+        reward_fn="helpers:wrong_answer_reward",
+        data=str(sums),
+        eval_data=str(sums),
+        batch_size=8,
+        max_steps=20,
+        lr=3e-3,
+        temperature=1.0,
+        kl_coef=0.0,
+        hacking_kl=None,
+    )
+    m = manifest(ppo.run(cfg))
+    assert m["metrics"]["val_reward"] > m["metrics"]["parent_val_reward"]
+    assert m["fit"]["verdict"] == "reward_hacking", m["fit"]
+    assert "task_accuracy, which it does not optimize, fell from 1" in m["fit"]["reason"]
+    assert "fit: REWARD_HACKING" in capsys.readouterr().out

@@ -130,22 +130,36 @@ def test_sft_resumes_after_a_crash_on_the_same_loss_curve(finished_run, monkeypa
     )
 
 
-def test_sft_raises_the_task_accuracy_of_the_sums_it_was_taught(finished_run, tmp_path):
+def test_sft_raises_the_task_accuracy_of_the_sums_it_was_taught(taught_run):
     # Held-out sums do not move in a test's budget (the tiny model learns the answer format, not arithmetic), so
-    # the gain is measured on eight sums taught by heart: 0 before, 1.0 after on four seeds of 150 steps.
-    data = write_taught_sums(tmp_path / "sums.jsonl", "sft")
-    cfg = tiny_sft_config(
-        finished_run.parent,
-        run_name="taught",
-        data=str(data),
-        eval_data=str(data),
-        batch_size=8,
-        max_steps=150,
-        lr=1e-2,
-    )
-    run_dir = sft.run(cfg)
-    metrics = json.loads((run_dir / "llmtrain.json").read_text())["metrics"]
+    # the gain is measured on eight sums taught by heart.
+    metrics = json.loads((taught_run / "llmtrain.json").read_text())["metrics"]
     assert metrics["task_accuracy"] >= metrics["parent_task_accuracy"] + 0.5
     # A model that learned its answers learned to end them: generation stops at the end-of-turn token.
-    out, end = greedy_reply_ids(run_dir, "What is 12 + 30?")
+    out, end = greedy_reply_ids(taught_run, "What is 12 + 30?")
     assert end in out and out.index(end) == len(out) - 1
+
+
+# ---------------------------------------------------------------- the fit verdict on purpose-built runs
+
+
+def test_a_learning_rate_near_zero_is_called_underfitting(finished_run, capsys):
+    cfg = sft_config(finished_run.parent, run_name="sft-underfit", lr=1e-9, max_steps=6, eval_every=3, task="none")
+    fit = json.loads((sft.run(cfg) / "llmtrain.json").read_text())["fit"]
+    assert fit["verdict"] == "underfitting" and "(the parent's)" in fit["reason"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("fit: UNDERFITTING")
+
+
+@pytest.mark.slow
+def test_many_steps_on_a_tiny_training_set_is_called_overfitting(finished_run, held_out, tmp_path):
+    # Eight sums learned by heart: the loss on them keeps falling while the loss on held-out sums turns up.
+    data = write_taught_sums(tmp_path / "sums.jsonl", "sft")
+    held = dict(eval_data=str(held_out / "sft_val.jsonl"), task="none", eval_every=20)
+    taught = dict(data=str(data), batch_size=8, max_steps=200, lr=1e-2)
+    m = json.loads(
+        (
+            sft.run(sft_config(finished_run.parent, run_name="sft-overfit", **taught, **held)) / "llmtrain.json"
+        ).read_text()
+    )
+    assert m["fit"]["verdict"] == "overfitting", m["fit"]
+    assert m["fit"]["best_step"] < 200
