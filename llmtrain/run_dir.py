@@ -462,12 +462,16 @@ def resume_changes(config: Any, checkpoint: Path, folder: Path, world: int) -> l
             f"--{k} {_shown(k, now[k], world)} (the checkpoint's: {_shown(k, before[k], before_world)})"
             for k in refused
         )
+        afresh = (
+            f"delete {folder} (the interrupted replacement) and start again"
+            if folder.parent.name == OVERWRITE
+            else "add --overwrite true (the run is replaced once the new one has finished) or choose a new --run_name"
+        )
         raise LLMTrainError(
             f"Run '{folder.name}' cannot resume from its checkpoint at step {step} with other values of options that "
             f"shape its data order, its model or its objective: {listed}. The checkpoint was trained with the old "
             "values, and they cannot change in the middle of a run. To resume it, give the checkpoint's values (or "
-            "leave those options out); to start afresh with the new ones, add --overwrite true (the run is replaced "
-            "once the new one has finished) or choose a new --run_name."
+            f"leave those options out); to start afresh with the new ones, {afresh}."
         )
     return [{"step": step, "option": k, "old": before[k], "new": now[k]} for k in differ]
 
