@@ -39,11 +39,13 @@ def test_a_length_past_learned_positions_is_refused_and_past_rotary_ones_is_note
     assert scaled.max_position_embeddings == 1024 and "keeps max_position_embeddings 1024" in notes[1]
 
 
-def test_a_run_past_the_rotary_positions_of_its_checkpoint_saves_the_length_it_trained_on(finished_run, capsys):
+def test_a_run_past_the_rotary_positions_of_its_checkpoint_saves_the_length_it_trained_on(
+    finished_run, tmp_path, capsys
+):
     assert json.loads((finished_run / "config.json").read_text())["max_position_embeddings"] == 64
-    cfg = tiny_sft_config(finished_run.parent, run_name="sft-longer", max_length=96, max_steps=2, task_eval_rows=0)
-    run = sft.run(cfg)
-    assert "--max_length 96 is past the 64 positions model 'tiny' was trained with" in capsys.readouterr().out
+    longer = dict(init=str(finished_run), max_length=96, max_steps=2, task_eval_rows=0)
+    run = sft.run(tiny_sft_config(tmp_path, **longer))
+    assert f"--max_length 96 is past the 64 positions model '{finished_run}' was trained" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["max_position_embeddings"] == 96
 
 
