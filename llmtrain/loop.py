@@ -49,7 +49,7 @@ from llmtrain.flops import parameter_count, peak_flops
 from llmtrain.models import use_gradient_checkpointing
 from llmtrain.optim import build_optimizer, lr_at
 from llmtrain.registry import ModelSource, parent_manifest, resolve_init
-from llmtrain.run_dir import Run
+from llmtrain.run_dir import Run, describe_changes
 from llmtrain.runtime import make_accelerator
 
 # Logged values that stop the run when they are not finite, and what to try then, per stage. Each option named
@@ -134,7 +134,7 @@ class Loop:
             loop.state = state
             run.truncate_metrics(loop.step)
             loop._synced = (loop.step, loop.train_time)
-            changed = ", ".join(f"--{c['option']} {c['new']} (was {c['old']})" for c in run.resumed_changes)
+            changed = describe_changes(run.resumed_changes)
             loop._print(
                 f"Resuming {run.name} from step {loop.step} ({run.resume_from.name})."
                 + (f" Changed since that checkpoint, from this step on: {changed}." if changed else "")

@@ -476,6 +476,11 @@ def resume_changes(config: Any, checkpoint: Path, folder: Path, world: int) -> l
     return [{"step": step, "option": k, "old": before[k], "new": now[k]} for k in differ]
 
 
+def describe_changes(changes: list[dict[str, Any]]) -> str:
+    """Options changed on resume as the command line writes them: `--lr 0.1 (was 0.3), --lora true (was false)`."""
+    return ", ".join(f"--{c['option']} {_shown('', c['new'], 1)} (was {_shown('', c['old'], 1)})" for c in changes)
+
+
 def _shown(option: str, value: Any, processes: int) -> str:
     """An option's value as the command line writes it; a batch size with the processes that shared it."""
     shown = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
