@@ -147,7 +147,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmtrain.generate import load_for_generation, sample
 
-    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_generation(
+        args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code, command="generate"
+    )
     prompts = [args.prompt] * args.num_samples
     outputs = sample(
         model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, greedy=args.greedy
@@ -162,25 +164,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from llmtrain.evaluate import evaluate_chat_model
+    from llmtrain.evaluate import evaluate_run
+    from llmtrain.registry import LM_STAGES, resolve_latest
 
-    metrics = evaluate_chat_model(
-        args.run,
-        _runs_dir(args.runs_dir),
+    runs_dir = _runs_dir(args.runs_dir)
+    spec = resolve_latest(args.run, runs_dir, LM_STAGES, "eval")
+    metrics = evaluate_run(
+        spec,
+        runs_dir,
         args.data,
         args.task,
         args.max_rows,
         max_new_tokens=args.max_new_tokens,
         trust_remote_code=args.trust_remote_code,
     )
-    print(json.dumps({"run": args.run, "data": args.data, **metrics}, indent=2))
+    run = args.run if spec == args.run else Path(spec).name
+    print(json.dumps({"run": run, "data": args.data, **metrics}, indent=2))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmtrain.generate import chat_replies, load_for_generation
 
-    model, tokenizer = load_for_generation(args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_generation(
+        args.run, _runs_dir(args.runs_dir), trust_remote_code=args.trust_remote_code, command="chat"
+    )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {args.run}. An empty line or Ctrl-D ends the chat.", flush=True)
     while True:
@@ -200,10 +208,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from llmtrain.models import load_reward_model, score_conversations
-    from llmtrain.registry import resolve_model
+    from llmtrain.registry import resolve_latest, resolve_model
     from llmtrain.tokenizer import load_tokenizer
 
-    source = resolve_model(args.run, _runs_dir(args.runs_dir))
+    runs_dir = _runs_dir(args.runs_dir)
+    source = resolve_model(resolve_latest(args.run, runs_dir, ("reward",), "score"), runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"'{args.run}' is a preset with untrained weights; give a reward model run.")
     tokenizer = load_tokenizer(source.path, trust_remote_code=args.trust_remote_code)
@@ -262,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage (same flags as recipes/{stage}.py)", add_help=False)
 
-    sub.add_parser("pipeline", help="tokenizer -> pretrain -> sft in order (see recipes/pipeline.py)", add_help=False)
+    sub.add_parser(
+        "pipeline",
+        help="tokenizer -> pretrain -> sft -> reward -> dpo -> ppo in order (see recipes/pipeline.py)",
+        add_help=False,
+    )
     sub.add_parser(
         "prepare",
         help="tokenize a pretraining corpus into cached shards before a launch (same flags as pretrain)",
@@ -273,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs_dir", default=None)
     p.set_defaults(func=cmd_runs)
 
+    lm_run = "run name, run folder or HF checkpoint; latest: the newest finished pretrain, sft, dpo or ppo run"
     p = sub.add_parser("generate", help="sample text from a run")
-    p.add_argument("run", help="run name, run folder or HF checkpoint")
+    p.add_argument("run", help=lm_run)
     p.add_argument("--prompt", default="")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -286,9 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_remote_code(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="evaluate a run on held-out chat data (loss and task accuracy)")
-    p.add_argument("run", help="run name, run folder or HF checkpoint")
-    p.add_argument("--data", default="default", help="held-out chat rows (default: the task's sft_val.jsonl)")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run: a language model on held-out chat data (loss and task accuracy), a reward model on "
+        "held-out preference pairs (pairwise accuracy)",
+    )
+    p.add_argument("run", help=lm_run + " (a reward model is named)")
+    p.add_argument(
+        "--data",
+        default="default",
+        help="held-out rows (default: the task's sft_val.jsonl, or prefs_val.jsonl for a reward model)",
+    )
     p.add_argument("--task", default="auto", help="answer checker: auto, none or module:function")
     p.add_argument("--max_rows", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=24)
@@ -297,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a run in the terminal, using its chat template")
-    p.add_argument("run", help="run name, run folder or HF checkpoint")
+    p.add_argument("run", help=lm_run)
     p.add_argument("--system", default=None, help="a system message to start the chat with")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -306,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("score", help="the reward a reward-model run gives one answer")
-    p.add_argument("run", help="reward model run name, run folder or HF sequence-classification checkpoint")
+    p.add_argument(
+        "run",
+        help="reward model run name, run folder or HF sequence-classification checkpoint; latest: the newest "
+        "finished reward run",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)
     p.add_argument("--runs_dir", default=None)

@@ -11,10 +11,11 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -60,15 +61,38 @@ def default_runs_dir() -> str:
     return os.environ.get("LLMTRAIN_RUNS_DIR", "runs")
 
 
+# A run name is one folder inside --runs_dir: `llmtrain runs` lists it, and nothing is written outside the runs.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+RUN_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or a digit, at most 200 characters"
+
+# Options a resume does not compare with the checkpoint's: where the run is kept and how the machine runs it, and
+# the models a run starts from or is judged by, which `Run.pin_parent` checks by what they resolve to.
+NOT_COMPARED_ON_RESUME = frozenset(
+    {
+        "runs_dir", "run_name", "resume", "overwrite", "tracker", "cache_dir", "threads", "num_proc",
+        "push_to_hub", "hub_repo_id", "hub_private", "trust_remote_code", "init", "judge", "reward_model",
+    }
+)  # fmt: skip
+
+
 @dataclass
 class RunConfig:
-    """Fields every stage shares: where the run lives and how it starts."""
+    """Fields every stage shares: where the run lives and how it starts.
+
+    `SHAPES_TRAINING` names the options that shape a run's data order, model or objective: a resume with another
+    value is refused (the checkpoint was trained with the old one). Every other option a resume compares applies
+    from the resumed step and is recorded in the manifest (`resumed_changes`)."""
+
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = frozenset({"seed"})
 
     runs_dir: str = field(
         default_factory=default_runs_dir,
         metadata={"help": "Registry folder (or set LLMTRAIN_RUNS_DIR)."},
     )
-    run_name: str | None = field(default=None, metadata={"help": "Run name; a readable unique one if unset."})
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": f"Run name, one folder in runs_dir ({RUN_NAME_RULE}); a readable unique one if unset."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue the latest unfinished run of this stage."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run of the same name."})
     seed: int = 1337
@@ -100,11 +124,45 @@ class RunConfig:
         # numpy, which seeds the data order, takes seeds in [0, 2**32).
         _between(self, "seed", 0, 2**32 - 1)
         _at_least(self, "threads", 1, "Leave it unset to use $OMP_NUM_THREADS or share the cores.")
+        check_run_name(self.run_name)
+
+
+def check_run_name(name: str | None) -> None:
+    """Refuse a run name that is not one safe folder name, before anything is created: `../x` or an absolute path
+    would write outside the runs folder, `team/x` a nested folder that `llmtrain runs` never lists."""
+    if not name:
+        return
+    if name.startswith(".") and RUN_NAME.fullmatch(name[1:]):
+        raise ConfigValueError(
+            f"--run_name {name}: names starting with '.' are kept for llmtrain's own bookkeeping beside the runs "
+            "(locks, runs being replaced). Choose a name without the leading dot.",
+            "run_name",
+        )
+    if name == "latest":
+        raise ConfigValueError(
+            "--run_name latest: 'latest' is kept for the newest finished run (--init latest, `llmtrain generate "
+            "latest`), so a run of that name could never be named. Choose another name.",
+            "run_name",
+        )
+    if not RUN_NAME.fullmatch(name):
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:200] or "my-run"
+        raise ConfigValueError(
+            f"--run_name {name!r} is not a run name: a run is one folder inside --runs_dir, named with "
+            f"{RUN_NAME_RULE} (no '/', no '..', no absolute path). Use e.g. --run_name {readable}; to keep runs in "
+            "another folder, set --runs_dir (or $LLMTRAIN_RUNS_DIR).",
+            "run_name",
+        )
 
 
 @dataclass
 class PretrainConfig(RunConfig):
     """Pretraining a causal LM on a text corpus (nanoGPT-style loop on Accelerate)."""
+
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = RunConfig.SHAPES_TRAINING | {
+        "data", "text_field", "dataset_config", "dataset_split", "streaming", "max_documents", "dedup",
+        "val_fraction", "test_fraction", "tokenizer", "vocab_size", "tokenizer_train_chars", "preset", "seq_len",
+        "mixed_precision", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2",
+    }  # fmt: skip
 
     # data
     data: str = field(
@@ -193,6 +251,14 @@ class PretrainConfig(RunConfig):
 @dataclass
 class FinetuneConfig(RunConfig):
     """Fields every stage that starts from a trained model shares: data, LoRA, optimisation, schedule."""
+
+    # eval_data: without one, a share of --data is held out, so it decides which rows train.
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = RunConfig.SHAPES_TRAINING | {
+        "data", "eval_data", "test_data", "test_split", "test_fraction", "dataset_config", "dataset_split",
+        "max_rows", "val_fraction", "max_length", "lora",
+        "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "chat_template", "mixed_precision",
+        "batch_size", "grad_accum", "weight_decay", "beta1", "beta2",
+    }  # fmt: skip
 
     init: str = field(
         default="latest",
@@ -313,6 +379,8 @@ class PolicyConfig(FinetuneConfig):
 class SftConfig(PolicyConfig):
     """Supervised fine-tuning on prompt/response or chat data, loss on assistant tokens only."""
 
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = PolicyConfig.SHAPES_TRAINING | {"packing"}
+
     packing: bool = field(default=False, metadata={"help": "Pack examples into rows without cross-talk."})
     epochs: float = field(default=8.0, metadata={"help": "Passes over the training rows (max_steps wins)."})
 
@@ -320,6 +388,8 @@ class SftConfig(PolicyConfig):
 @dataclass
 class RewardConfig(FinetuneConfig):
     """A reward model (one score per sequence) trained on preference pairs with the Bradley-Terry loss."""
+
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = FinetuneConfig.SHAPES_TRAINING | {"margin"}
 
     margin: float = field(default=0.0, metadata={"help": "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)."})
     # Measured on the default task: lr 3e-4 ranked more held-out pairs right than 1e-3 or 3e-3 at every step,
@@ -331,6 +401,9 @@ class RewardConfig(FinetuneConfig):
 @dataclass
 class DpoConfig(PolicyConfig):
     """Direct preference optimisation of a causal LM against a frozen reference (its SFT parent)."""
+
+    # nll_weight is not among them: raising it steadies a run that diverged, from the resumed step on.
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = PolicyConfig.SHAPES_TRAINING | {"beta", "loss_type", "label_smoothing"}
 
     beta: float = field(default=0.1, metadata={"help": "Strength of the implicit KL to the reference."})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, or conservative (cDPO)."})
@@ -367,6 +440,13 @@ class DpoConfig(PolicyConfig):
 @dataclass
 class PpoConfig(PolicyConfig):
     """PPO of a causal LM against a reward model or a reward function (or GRPO-style group advantages)."""
+
+    # Everything that shapes the rollouts, the rewards and the PPO update; value_lr, like lr, may change on resume.
+    SHAPES_TRAINING: ClassVar[frozenset[str]] = PolicyConfig.SHAPES_TRAINING | {
+        "reward_fn", "value_model", "advantage", "num_generations", "temperature", "top_k", "top_p",
+        "missing_eos_penalty", "center_rewards", "whiten_rewards", "ppo_epochs", "num_mini_batches", "clip_range",
+        "clip_range_value", "vf_coef", "gamma", "lam", "kl_coef", "target_kl", "kl_horizon", "max_new_tokens",
+    }  # fmt: skip
 
     reward_model: str = field(
         default="latest",
@@ -682,6 +762,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     for arg in argv:
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if key == "help":  # argparse's own flag, as -h: it prints every option and exits
+                continue
             if key not in {f.name for f in dataclasses.fields(cls)}:
                 raise _unknown_key_error(key, cls, "the command line")
             sources[key] = "on the command line"

@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss and bits per byte, task accuracy, and the win rate of one policy over another."""
+"""Evaluation: held-out loss and bits per byte, task accuracy, a reward model's pairwise accuracy, and the win rate
+of one policy over another."""
 
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def evaluate_chat_model(
     from llmtrain.generate import load_for_generation
     from llmtrain.runtime import cache_dir
 
-    model, tokenizer = load_for_generation(spec, runs_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_for_generation(spec, runs_dir, trust_remote_code=trust_remote_code, command="eval")
     if data == "default":
         data = str(default_data_dir(cache_dir()) / "sft_val.jsonl")
     rows = load_chat_rows(data, max_rows=max_rows)
@@ -192,6 +193,89 @@ def evaluate_chat_model(
     if checker is not None:
         metrics |= evaluate_answers(model, tokenizer, prompts, max_new_tokens, accelerator, checker)[0]
     return metrics
+
+
+def evaluate_run(
+    spec: str,
+    runs_dir: str,
+    data: str = "default",
+    task: str = "auto",
+    max_rows: int | None = None,
+    max_new_tokens: int = 24,
+    trust_remote_code: bool = False,
+) -> dict[str, float | str]:
+    """`llmtrain eval`: a language model on held-out chat data (`evaluate_chat_model`), a reward model on held-out
+    preference pairs (`evaluate_reward_model`), each with its own default data."""
+    from llmtrain.registry import hub_snapshot, is_reward_model, resolve_model
+
+    source = resolve_model(spec, runs_dir)
+    if source.kind != "preset":  # a preset is refused as untrained where the model is loaded
+        source = hub_snapshot(source, runs_dir, "model")
+        if is_reward_model(source):
+            metrics = evaluate_reward_model(source, data, max_rows, trust_remote_code=trust_remote_code)
+            return {"evaluated_as": "reward model", **metrics}
+        spec = source.path if source.kind == "hub" else spec  # the revision's folder: fetched once
+    return evaluate_chat_model(
+        spec, runs_dir, data, task, max_rows, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code
+    )
+
+
+def evaluate_reward_model(
+    source,
+    data: str = "default",
+    max_rows: int | None = None,
+    max_length: int = 512,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
+    """A reward model on held-out preference pairs (default: the task's prefs_val.jsonl): pairwise accuracy (the
+    chosen answer scored above the rejected one) and the Bradley-Terry loss, as the reward stage measures them."""
+    from accelerate import Accelerator
+
+    from llmtrain.data.corpus import default_data_dir
+    from llmtrain.data.preferences import load_preference_pairs, tokenize_pairs
+    from llmtrain.models import load_reward_model
+    from llmtrain.runtime import cache_dir
+    from llmtrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(source.path, trust_remote_code=trust_remote_code)
+    model = load_reward_model(source.path, tokenizer, source.spec, trust_remote_code=trust_remote_code)
+    if data == "default":
+        data = str(default_data_dir(cache_dir()) / "prefs_val.jsonl")
+    pairs, _ = tokenize_pairs(tokenizer, load_preference_pairs(data, max_rows=max_rows), max_length, data)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = model.to(accelerator.device).eval()
+    metrics, _ = evaluate_pairs(model, pairs, model.config.pad_token_id, batch_size, accelerator)
+    return {**metrics, "pairs": len(pairs)}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> tuple[dict[str, float], dict]:
+    """Held-out Bradley-Terry loss and pairwise accuracy (chosen scored above rejected), plus the scores."""
+    from accelerate.utils import gather_object
+
+    from llmtrain.data.preferences import collate_pairs
+    from llmtrain.losses import bradley_terry_loss
+
+    was_training = model.training
+    model.eval()
+    chosen_all, rejected_all = [], []
+    mine, own = process_share(len(pairs), accelerator)
+    for i in range(0, len(mine), batch_size):
+        chunk = [pairs[j] for j in mine[i : i + batch_size]]
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(chunk, pad_id).items()}
+        batch.pop("labels")
+        chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
+        chosen_all += chosen.tolist()
+        rejected_all += rejected.tolist()
+    chosen_all, rejected_all = chosen_all[:own], rejected_all[:own]
+    if accelerator.num_processes > 1:
+        chosen_all, rejected_all = gather_object(chosen_all), gather_object(rejected_all)
+    if was_training:
+        model.train()
+    c, r = torch.tensor(chosen_all), torch.tensor(rejected_all)
+    metrics = {"val_loss": bradley_terry_loss(c, r).item(), "reward_accuracy": (c > r).float().mean().item()}
+    return metrics, {"chosen": chosen_all, "rejected": rejected_all}
 
 
 def win_rate(

@@ -146,18 +146,28 @@ def chat_replies(
     return [r.strip() for r in replies]
 
 
-def load_for_generation(spec: str, runs_dir: str, device: str | None = None, trust_remote_code: bool = False):
-    """Load a run, local checkpoint or Hub model and its tokenizer for sampling; a model's own code runs only with
-    `trust_remote_code`."""
+def load_for_generation(
+    spec: str, runs_dir: str, device: str | None = None, trust_remote_code: bool = False, command: str = "generate"
+):
+    """Load a run ('latest': the newest finished language-model run), local checkpoint or Hub model and its
+    tokenizer for sampling; a model's own code runs only with `trust_remote_code`. A reward model is refused:
+    `command` (generate, chat, eval) names what it was loaded for."""
     from llmtrain.errors import LLMTrainError
     from llmtrain.models import load_causal_lm
-    from llmtrain.registry import hub_snapshot, resolve_model
+    from llmtrain.registry import LM_STAGES, hub_snapshot, is_reward_model, resolve_latest, resolve_model
     from llmtrain.tokenizer import load_tokenizer
 
-    source = resolve_model(spec, runs_dir)
+    source = resolve_model(resolve_latest(spec, runs_dir, LM_STAGES, command), runs_dir)
     if source.kind == "preset":
         raise LLMTrainError(f"'{spec}' is a preset with untrained weights; give a run name (see `llmtrain runs`).")
     source = hub_snapshot(source, runs_dir, "model")
+    if is_reward_model(source):
+        raise LLMTrainError(
+            f"'{spec}' is a reward model: it scores an answer, it does not write one, so `llmtrain {command}` cannot "
+            f"use it as a language model. Score an answer with `llmtrain score {spec} --prompt ... --response ...`"
+            + (", or evaluate it with `llmtrain eval`" if command != "eval" else "")
+            + f"; to {command} with a language model, give a pretrain, sft, dpo or ppo run (see `llmtrain runs`)."
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_causal_lm(source, runs_dir, trust_remote_code=trust_remote_code, dtype="auto").to(device)
     return model, load_tokenizer(source.path, trust_remote_code=trust_remote_code)

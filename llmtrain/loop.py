@@ -52,13 +52,14 @@ from llmtrain.flops import parameter_count, peak_flops
 from llmtrain.models import use_gradient_checkpointing
 from llmtrain.optim import build_optimizer, lr_at
 from llmtrain.registry import ModelSource, parent_manifest, resolve_init
-from llmtrain.run_dir import BEST, TEST_ITEMS, Run
+from llmtrain.run_dir import BEST, TEST_ITEMS, Run, describe_changes
 from llmtrain.runtime import make_accelerator
 
-# Logged values that stop the run when they are not finite, and what to try then, per stage.
+# Logged values that stop the run when they are not finite, and what to try then, per stage. Each option named
+# applies from the step a run resumes at (see run_dir.resume_changes), so the advice holds for a resume too.
 WATCHED = ("train_loss", "policy_loss", "value_loss", "reward_mean")
 NAN_ADVICE = {
-    "pretrain": "Lower --lr, raise --warmup_steps or set --grad_clip, then start again (or --resume from it).",
+    "pretrain": "Lower --lr, raise --warmup_steps or set --grad_clip.",
     "dpo": "Lower --lr (or raise --nll_weight).",
     "ppo": "Lower --lr and --value_lr, or check the reward for NaN or huge values.",
 }
@@ -132,12 +133,21 @@ class Loop:
         """A loop at step 0, or at the run's last checkpoint (model, optimizer, RNG and the stage's state)."""
         loop = cls(cfg, accelerator, run, model, optimizer, total_steps, peak_flops=peak_flops(accelerator.device))
         if run.resume_from is not None:
+            # The optimizer's state comes back with its param groups, peak learning rates included; the peaks are
+            # this run's (--lr, PPO's --value_lr), which a resume may change, so they are put back after loading.
+            peaks = [group["base_lr"] for group in optimizer.param_groups]
             state = run.load_checkpoint(accelerator)
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["base_lr"] = peak
             loop.step, loop.train_time = state.pop("step"), state.pop("train_time_s")
             loop.state = state
             run.truncate_metrics(loop.step)
             loop._synced = (loop.step, loop.train_time)
-            loop._print(f"Resuming {run.name} from step {loop.step} ({run.resume_from.name}).")
+            changed = describe_changes(run.resumed_changes)
+            loop._print(
+                f"Resuming {run.name} from step {loop.step} ({run.resume_from.name})."
+                + (f" Changed since that checkpoint, from this step on: {changed}." if changed else "")
+            )
         return loop
 
     @property
@@ -289,9 +299,22 @@ class Loop:
     def _nonfinite_message(self, when: str) -> str:
         return (
             f"The gradients were not finite (NaN or inf) {when}; the run stopped and nothing of those steps was "
-            f"saved. The last good checkpoint is kept in {self.run.path}. "
-            + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
-            + " To skip a few such steps instead, pass --skip_nonfinite_steps N."
+            f"saved. {self._what_next()} To skip a few such steps instead, add --skip_nonfinite_steps N to it."
+        )
+
+    def _what_next(self) -> str:
+        """After a NaN/inf stop: what is kept, the stage's advice, and the command that acts on it as written."""
+        advice = NAN_ADVICE.get(self.run.stage, "Lower --lr.")
+        lower = f"--lr {self.cfg.lr / 3:.2g}"  # a third of this run's peak: an example of a lower one
+        if self.run.saved_step is None:
+            return (
+                "No checkpoint had been saved yet, so nothing of this run can be resumed. "
+                f"{advice} Then start again: the same command with a lower --lr, e.g. {lower}."
+            )
+        return (
+            f"The last good checkpoint, of step {self.run.saved_step}, is kept in {self.run.path / 'checkpoints'}. "
+            f"{advice} Then resume from it: the same command plus --run_name {self.run.name} and the changed "
+            f"options, e.g. {lower} (a changed learning rate applies from the resumed step)."
         )
 
     def reduce(self, sums: torch.Tensor | None = None, tokens: float | torch.Tensor = 0.0) -> list[float] | None:
@@ -379,8 +402,7 @@ class Loop:
                 what = "training loss" if key == "train_loss" else key
                 raise LLMTrainError(
                     f"The {what} became {metrics[key]} {self._checked} (lr {lr:.3g}); the run stopped. "
-                    f"The last good checkpoint is kept in {self.run.path}. "
-                    + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
+                    + self._what_next()
                 )
         self.last = metrics = {**metrics, "lr": lr}
         if not self._line_due():
@@ -497,8 +519,7 @@ class Loop:
         if (self.accelerator.reduce(bad, reduction="sum") if self.world > 1 else bad).item():
             raise LLMTrainError(
                 f"The weights are not finite (NaN or inf) after step {self.step}, so they were not saved; the run "
-                f"stopped. The last good checkpoint is kept in {self.run.path}. "
-                + NAN_ADVICE.get(self.run.stage, "Lower --lr and start again.")
+                f"stopped. " + self._what_next()
             )
 
     def finish(

@@ -117,7 +117,9 @@ def use_gradient_checkpointing(model, accelerator) -> None:
 def check_positions(model, length: int, flag: str, spec: str, note=print) -> None:
     """Sequences of `length` tokens against the positions a checkpoint has: past learned position embeddings
     (GPT-2's `wpe`, OPT's) an index error would stop training, so refuse; rotary positions exist at any length, but
-    the model never saw those past its `max_position_embeddings`, so say so."""
+    the model never saw those past its `max_position_embeddings`, so say so, and raise that number to `length`
+    (the model saved after training has been trained on them). A scaled rotary embedding (dynamic, YaRN, ...)
+    computes its frequencies from that number, so there it stays, and the note says why."""
     config = model.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if not limit or length <= limit:
@@ -130,10 +132,25 @@ def check_positions(model, length: int, flag: str, spec: str, note=print) -> Non
             f"{flag} {length} is longer than the {limit} positions of model '{spec}' (it learned one embedding per "
             f"position, {limit} of them): lower {flag} to at most {limit}."
         )
-    note(
+    said = (
         f"Note: {flag} {length} is past the {limit} positions model '{spec}' was trained with "
-        "(max_position_embeddings); its rotary positions extend to them, but it has not learned them."
+        "(max_position_embeddings); its rotary positions extend to them, but it has not learned them"
     )
+    if _rope_types(config) - {"default"}:
+        note(
+            f"{said}. Its saved config keeps max_position_embeddings {limit}, on which its scaled rotary embedding "
+            "is based."
+        )
+        return
+    config.max_position_embeddings = length
+    note(f"{said} yet. This run trains on them: its saved config has max_position_embeddings {length}.")
+
+
+def _rope_types(config) -> set[str]:
+    """The rotary embedding types of a config ('default' is plain RoPE), per layer type where it has several."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    layers = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return {p.get("rope_type", p.get("type", "default")) for p in layers}
 
 
 def load_reward_model(

@@ -22,7 +22,15 @@ from typing import Any
 
 import yaml
 
-from llmtrain.config import STAGE_CONFIGS, PretrainConfig, config_from_dict, default_runs_dir, load_yaml
+from llmtrain.config import (
+    RUN_NAME,
+    RUN_NAME_RULE,
+    STAGE_CONFIGS,
+    PretrainConfig,
+    config_from_dict,
+    default_runs_dir,
+    load_yaml,
+)
 from llmtrain.errors import LLMTrainError
 from llmtrain.hub import check_push_config, push_run
 from llmtrain.registry import headline, read_manifest
@@ -173,6 +181,12 @@ def main(argv: list[str]) -> int:
         if not path.is_file():
             raise LLMTrainError(f"Pipeline recipe {path} does not exist.")
         recipe = yaml.safe_load(path.read_text()) or {}
+    if not RUN_NAME.fullmatch(f"{args.name}-tokenizer"):  # the longest name the pipeline gives a run
+        raise LLMTrainError(
+            f"--name {args.name!r}: the pipeline names its runs {args.name}-<stage>, and a run name is one folder "
+            f"inside --runs_dir, named with {RUN_NAME_RULE}. Choose a --name of those characters (to keep the runs "
+            "in another folder, set --runs_dir)."
+        )
     redo = {s.strip() for s in args.redo.split(",") if s.strip()}
     bad = redo - set(STAGES) - {"all"}
     if bad:

@@ -135,6 +135,47 @@ def resolve_init(spec: str, runs_dir: str | Path, parent_stage: str) -> ModelSou
     return hub_snapshot(source, runs_dir, "--init")
 
 
+# The stages whose runs are language models: what `llmtrain generate latest`, `chat latest` and `eval latest` read.
+LM_STAGES = ("pretrain", "sft", "dpo", "ppo")
+
+
+def resolve_latest(spec: str, runs_dir: str | Path, stages: tuple[str, ...], command: str) -> str:
+    """A command's model spec with 'latest' (as every stage's --init takes it) made the newest finished run of
+    `stages`, which is named on stderr (the command's own output stays clean); any other spec as it is."""
+    import sys
+
+    if spec != "latest":
+        return spec
+    latest = latest_run(runs_dir, stages)
+    if latest is None:
+        kinds = ", ".join(stages[:-1]) + f" or {stages[-1]}" if len(stages) > 1 else stages[0]
+        raise LLMTrainError(
+            f"`llmtrain {command} latest`: there is no finished {kinds} run in {runs_dir} (see `llmtrain runs`). "
+            "Train one first, or name a run, a checkpoint folder or a Hub id."
+        )
+    print(f"latest: run {Path(latest['_dir']).name} ({latest.get('stage')}, {latest.get('created')})", file=sys.stderr)
+    return latest["_dir"]
+
+
+def is_reward_model(source: ModelSource) -> bool:
+    """Whether a model is a sequence classifier that scores answers (a reward run, or a checkpoint whose config or
+    LoRA adapter is one), not a language model."""
+    if parent_manifest(source).get("stage") == "reward":
+        return True
+    folder = Path(source.path or "")
+    architectures = _json_file(folder / "config.json").get("architectures") or []
+    adapter_task = _json_file(folder / "adapter_config.json").get("task_type")
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures) or adapter_task == "SEQ_CLS"
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def resolve_judge(spec: str, runs_dir: str | Path) -> ModelSource | None:
     """The reward model that judges a tuned policy: 'latest' (the newest finished reward run, if there is one),
     'none', or any run, folder or Hub id of a sequence classifier."""
@@ -307,10 +348,11 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda m: m.get("created", ""))
 
 
-def latest_run(runs_dir: str | Path, stage: str, finished: bool = True) -> dict[str, Any] | None:
-    """The newest run of `stage` (finished or not), or None."""
+def latest_run(runs_dir: str | Path, stage: str | tuple[str, ...], finished: bool = True) -> dict[str, Any] | None:
+    """The newest run of `stage` (or of any of several stages), finished or not, or None."""
+    stages = (stage,) if isinstance(stage, str) else stage
     want = "finished" if finished else None
-    runs = [m for m in list_runs(runs_dir) if m.get("stage") == stage and (want is None or m.get("status") == want)]
+    runs = [m for m in list_runs(runs_dir) if m.get("stage") in stages and (want is None or m.get("status") == want)]
     return runs[-1] if runs else None
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain import __version__
+from llmtrain.config import NOT_COMPARED_ON_RESUME, check_run_name, config_to_dict
 from llmtrain.errors import LLMTrainError
 from llmtrain.registry import (
     hub_revision,
@@ -66,6 +67,10 @@ class Run:
     saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
     parents: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> spec, path, fingerprint
     bad_rows: list[dict[str, str]] = field(default_factory=list)  # data rows skipped under max_bad_rows
+    # On the main process of a resumed run: each option whose value differs from the checkpoint's, applied from
+    # the resumed step ({step, option, old, new}; see `resume_changes`).
+    resumed_changes: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config, saved with each checkpoint
 
     @property
     def name(self) -> str:
@@ -82,11 +87,12 @@ class Run:
         runs_dir = Path(config.runs_dir)
         decision: list[Any] = [None, None, None]  # [folder to write, checkpoint to resume from, run it replaces]
         error: list[Any] = [None]
-        lock = None
+        lock, changes = None, []
         if accelerator.is_main_process:
             try:
-                *paths, lock = _decide(config, stage, label, runs_dir)
-                decision = [str(p) if p else None for p in paths]
+                decided = _decide(config, stage, label, runs_dir, accelerator.num_processes)
+                decision = [str(p) if p else None for p in (decided.path, decided.resume_from, decided.replaces)]
+                lock, changes = decided.lock, decided.changes
             except LLMTrainError as e:
                 error = [str(e)]
         if accelerator.num_processes > 1:
@@ -96,6 +102,7 @@ class Run:
             raise LLMTrainError(error[0])
         path, resume_from, replaces = (Path(p) if p else None for p in decision)
         run = cls(path, stage, accelerator.is_main_process, resume_from, replaces=replaces, lock=lock)
+        run.resumed_changes = changes  # only the main process writes them to the manifest
         run.engine = accelerator.distributed_type.value
         if accelerator.state.deepspeed_plugin is not None:
             run.engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
@@ -160,6 +167,7 @@ class Run:
             if self.bad_rows:
                 self.write_rows(BAD_ROWS, self.bad_rows)
         previous = _read_if_any(self.path)
+        self.config = config
         self.manifest = {
             "name": self.name,
             "stage": self.stage,
@@ -172,12 +180,17 @@ class Run:
             "bad_rows": len(self.bad_rows),
             "config": config,
             "resumed_at_steps": previous.get("resumed_at_steps", []),
+            "resumed_changes": [],
             "versions": library_versions(),
             "git_commit": _git_commit(),
             "metrics": previous.get("metrics", {}),
         }
         if self.resume_from is not None:
-            self.manifest["resumed_at_steps"].append(int(self.resume_from.name.split("-")[-1]))
+            step = checkpoint_step(self.resume_from)
+            self.manifest["resumed_at_steps"].append(step)
+            # Changes recorded at or after this checkpoint's step belonged to steps that are now trained again.
+            earlier = [c for c in previous.get("resumed_changes", []) if c["step"] < step]
+            self.manifest["resumed_changes"] = earlier + self.resumed_changes
         self._write()
 
     def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
@@ -281,7 +294,10 @@ class Run:
             # Every file with its size, so that a resume can tell a damaged checkpoint (a file deleted or cut short
             # after the save) and fall back to the one before it.
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state, FILES: files}, indent=2))
+            # What the checkpoint was trained with, which a resume compares its options with (`resume_changes`).
+            trained_with = {"config": self.config, "world_size": self.manifest.get("world_size")}
+            trainer_state = {"step": step, **state, **trained_with, FILES: files}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 and name is None else []:
@@ -313,13 +329,19 @@ class Run:
         assert self.resume_from is not None
         accelerator.load_state(str(self.resume_from))
         state = json.loads((self.resume_from / "trainer_state.json").read_text())
-        state.pop(FILES, None)
+        for key in (FILES, "config", "world_size"):
+            state.pop(key, None)
         self.saved_step = state["step"]
         return state
 
     def remove_checkpoints(self) -> None:
         if self.is_main:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint folder (`step-0000500`) was saved after."""
+    return int(ckpt.name.split("-")[-1])
 
 
 def latest_checkpoint(run_path: Path) -> Path | None:
@@ -350,8 +372,21 @@ def _damage(ckpt: Path) -> str | None:
     return None
 
 
-def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[Path, Path | None, Path | None, RunLock]:
-    """(folder to write, checkpoint to resume from or None, run folder it replaces or None, the run's lock)."""
+@dataclass
+class _Decision:
+    """What `Run.open` decided on the main process."""
+
+    path: Path  # the folder to write
+    resume_from: Path | None  # the checkpoint to resume from
+    replaces: Path | None  # with --overwrite: the run folder this run takes the place of when it finishes
+    lock: RunLock
+    changes: list[dict[str, Any]] = field(default_factory=list)  # options changed since that checkpoint
+
+
+def _decide(config: Any, stage: str, label: str, runs_dir: Path, world: int) -> _Decision:
+    """Where the run goes, whether it resumes (with which changed options), and its lock; `world`, the number of
+    processes it runs on."""
+    check_run_name(config.run_name)  # again here: a config's fields may be set after it was made
     name = config.run_name
     if config.resume and not name:
         run = latest_run(runs_dir, stage, finished=False)
@@ -367,20 +402,17 @@ def _decide(config: Any, stage: str, label: str, runs_dir: Path) -> tuple[Path, 
         for _ in range(100):
             path = runs_dir / new_run_name(stage, label, runs_dir)
             try:
-                return path, None, None, RunLock.acquire(path)
+                return _Decision(path, None, None, RunLock.acquire(path))
             except RunLocked:
                 continue
         raise LLMTrainError(f"Could not reserve a new run name in {runs_dir}; give one with --run_name.")
-    if Path(name).name.startswith("."):
-        raise LLMTrainError(
-            f"--run_name {name}: names starting with '.' are kept for llmtrain's own bookkeeping beside the runs "
-            f"(locks, runs being replaced). Choose a name without the leading dot."
-        )
     path = runs_dir / name
     lock = RunLock.acquire(path)
     try:
         _complete_cut_swap(path)
-        return (*_decide_named(config, stage, path), lock)
+        folder, resume_from, replaces = _decide_named(config, stage, path)
+        changes = resume_changes(config, resume_from, folder, world) if resume_from else []
+        return _Decision(folder, resume_from, replaces, lock, changes)
     except BaseException:
         lock.release()
         raise
@@ -417,7 +449,64 @@ def _decide_named(config: Any, stage: str, path: Path) -> tuple[Path, Path | Non
             )
         return staging, replacement, path
     ckpt = latest_checkpoint(path) if path.is_dir() else None
+    if ckpt is None and config.resume:
+        print(
+            f"--resume: run '{name}' has no checkpoint to resume from (none was saved before it stopped, or every "
+            "one is damaged), so nothing is resumed: it starts again from step 0.",
+            flush=True,
+        )
     return path, ckpt, None
+
+
+def resume_changes(config: Any, checkpoint: Path, folder: Path, world: int) -> list[dict[str, Any]]:
+    """Each option whose value differs from the one `checkpoint` was trained with, as {step, option, old, new}: it
+    applies from the resumed step. A resume that changes an option shaping the data order, the model or the
+    objective (`config.SHAPES_TRAINING`) is refused, naming each difference and how to start afresh; --batch_size
+    only where the batch of all processes together changes (a run may resume on another number of processes)."""
+    state = _trainer_state(checkpoint)
+    before = state.get("config") or _read_if_any(folder).get("config", {})  # older checkpoints: the manifest's
+    before_world = state.get("world_size") or _read_if_any(folder).get("world_size") or world
+    now = config_to_dict(config)
+    differ = [k for k, v in now.items() if k in before and k not in NOT_COMPARED_ON_RESUME and before[k] != v]
+    shaping = getattr(config, "SHAPES_TRAINING", frozenset())
+    same_batch = before.get("batch_size", 0) * before_world == now.get("batch_size", 0) * world
+    refused = [k for k in differ if k in shaping and not (k == "batch_size" and same_batch)]
+    step = checkpoint_step(checkpoint)
+    if refused:
+        listed = "; ".join(
+            f"--{k} {_shown(k, now[k], world)} (the checkpoint's: {_shown(k, before[k], before_world)})"
+            for k in refused
+        )
+        afresh = (
+            f"delete {folder} (the interrupted replacement) and start again"
+            if folder.parent.name == OVERWRITE
+            else "add --overwrite true (the run is replaced once the new one has finished) or choose a new --run_name"
+        )
+        raise LLMTrainError(
+            f"Run '{folder.name}' cannot resume from its checkpoint at step {step} with other values of options that "
+            f"shape its data order, its model or its objective: {listed}. The checkpoint was trained with the old "
+            "values, and they cannot change in the middle of a run. To resume it, give the checkpoint's values (or "
+            f"leave those options out); to start afresh with the new ones, {afresh}."
+        )
+    return [{"step": step, "option": k, "old": before[k], "new": now[k]} for k in differ]
+
+
+def describe_changes(changes: list[dict[str, Any]]) -> str:
+    """Options changed on resume as the command line writes them: `--lr 0.1 (was 0.3), --lora true (was false)`."""
+    return ", ".join(f"--{c['option']} {_shown('', c['new'], 1)} (was {_shown('', c['old'], 1)})" for c in changes)
+
+
+def _shown(option: str, value: Any, processes: int) -> str:
+    """An option's value as the command line writes it; a batch size with the processes that shared it."""
+    shown = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+    return shown + (f" x {processes} process{'es' if processes > 1 else ''}" if option == "batch_size" else "")
+
+
+def _trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _staging(path: Path) -> Path:

@@ -235,6 +235,33 @@ def test_max_bad_rows_skips_unusable_rows_as_a_count_or_a_share_and_no_more(tmp_
             load_chat_rows(data, bad_rows=BadRows(allowance))
 
 
+def test_max_bad_rows_skips_lines_that_are_not_json_or_not_utf8_like_any_other_bad_row(tmp_path):
+    lines = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() for i in range(100)]
+    lines[10] = b'{"prompt": "q", "response": '  # cut short
+    lines[40] = '{"prompt": "caf\xe9", "response": "oui"}'.encode("latin-1")  # not UTF-8
+    lines[70] = b'{"prompt": "q"}'  # JSON, but no answer
+    for name in ("data.jsonl", "data.json"):  # a .json file of JSON lines too
+        data = tmp_path / name
+        data.write_bytes(b"\n".join(lines) + b"\n")
+        with pytest.raises(LLMTrainError, match=rf"{name}, line 11: not valid JSON"):
+            load_chat_rows(str(data))  # strict by default, as before
+        bad = BadRows(0.05)
+        assert len(load_chat_rows(str(data), bad_rows=bad)) == 97
+        assert [row["where"] for row in bad.skipped] == [f"{data}, line {n}" for n in (11, 41, 71)]
+        reasons = [row["reason"] for row in bad.skipped]
+        assert "not valid JSON" in reasons[0] and "not UTF-8 text (byte 0xe9" in reasons[1]
+        assert "a 'prompt' row needs a 'response'" in reasons[2]
+        with pytest.raises(LLMTrainError, match=r"3 of the 100 rows .* more than --max_bad_rows 0.02 allows"):
+            load_chat_rows(str(data), bad_rows=BadRows(0.02))
+
+
+def test_every_row_skipped_says_so_with_the_first_reason_not_that_the_file_is_empty(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", ['{"prompt": ', {"prompt": "q", "response": " "}])
+    with pytest.raises(LLMTrainError, match=r"All 2 rows of .*data.jsonl were skipped as unusable under "
+                       r"--max_bad_rows 1000: none is left to use. The first: .*line 1: not valid JSON"):  # fmt: skip
+        load_chat_rows(str(data), bad_rows=BadRows(1000))
+
+
 def test_skipped_rows_are_summarised_and_listed_in_the_run_folder(tmp_path, capsys):
     from llmtrain.config import SftConfig
     from llmtrain.data.splits import train_and_eval_rows

@@ -327,3 +327,45 @@ def test_every_pipeline_recipe_section_builds(monkeypatch):
         for stage, cls in STAGE_CONFIGS.items():
             if stage in values:
                 config_from_dict(cls, _section(values, stage), f"{recipe.name}'s {stage} section")
+
+
+@pytest.mark.parametrize(
+    "name, fix",
+    [
+        ("../escaped", "--run_name escaped"),
+        ("/tmp/elsewhere/run", "--run_name tmp-elsewhere-run"),
+        ("team/exp1", "--run_name team-exp1"),
+        ("my run", "--run_name my-run"),
+    ],
+)
+def test_a_run_name_that_is_not_one_folder_name_is_refused_with_a_name_that_works(name, fix):
+    with pytest.raises(LLMTrainError, match=rf"--run_name '{name}' is not a run name: a run is one folder inside "
+                       rf"--runs_dir.*no '/', no '\.\.', no absolute path.*{fix};.*set --runs_dir.*"
+                       r"\(run_name was set on the command line\.\)"):  # fmt: skip
+        parse_config(SftConfig, ["--run_name", name])
+    SftConfig(run_name=fix.split()[-1])  # the suggested name is taken
+
+
+def test_a_run_name_kept_for_bookkeeping_or_for_the_newest_run_is_refused():
+    with pytest.raises(LLMTrainError, match="names starting with '.' are kept for llmtrain's own bookkeeping"):
+        PretrainConfig(run_name=".overwrite")
+    with pytest.raises(LLMTrainError, match="'latest' is kept for the newest finished run"):
+        DpoConfig(run_name="latest")
+
+
+def test_help_is_argparse_help_not_an_unknown_key(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as done:
+            parse_config(SftConfig, [flag])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert "--run_name RUN_NAME" in out and "--max_bad_rows MAX_BAD_ROWS" in out
+
+
+def test_every_option_that_shapes_training_is_an_option_of_its_stage():
+    for cls in STAGE_CONFIGS.values():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert cls.SHAPES_TRAINING <= names, cls.SHAPES_TRAINING - names
+    assert {"lr", "warmup_steps", "max_steps", "save_every"}.isdisjoint(SftConfig.SHAPES_TRAINING)
+    assert {"seed", "data", "batch_size", "max_length", "lora"} <= SftConfig.SHAPES_TRAINING
+    assert "max_new_tokens" in PpoConfig.SHAPES_TRAINING and "max_new_tokens" not in SftConfig.SHAPES_TRAINING

@@ -97,6 +97,30 @@ def test_a_non_finite_loss_stops_the_run_at_the_next_sync_step_before_its_checkp
     assert [p.name for p in (tmp_path / "fit" / "checkpoints").glob("step-*")] == ["step-0000002"]
 
 
+def test_after_a_nan_stop_the_advice_resumes_from_the_checkpoint_it_names_with_the_lower_learning_rate(tmp_path):
+    with pytest.raises(LLMTrainError) as stopped:
+        fit_line(tmp_path, nan_loss_at=5, save_every=2, log_every=1)  # diverged in step 5, after the step-4 save
+    message = str(stopped.value)
+    assert f"The last good checkpoint, of step 4, is kept in {tmp_path / 'fit' / 'checkpoints'}. Lower --lr." in message
+    assert "Then resume from it: the same command plus --run_name fit and the changed options, e.g. --lr 0.1" in message
+    run, _ = fit_line(tmp_path, save_every=2, log_every=1, lr=0.1)  # as written: the same command, --lr 0.1
+    manifest = read_manifest(run.path)
+    assert manifest["status"] == "finished" and manifest["resumed_at_steps"] == [4]
+    assert manifest["resumed_changes"] == [{"step": 4, "option": "lr", "old": 0.3, "new": 0.1}]
+    assert [row["lr"] for row in logged(run.path).values()] == [0.3] * 4 + [pytest.approx(0.1)] * 4
+
+
+def test_a_nan_stop_before_any_checkpoint_names_none_and_says_to_start_again(tmp_path):
+    with pytest.raises(LLMTrainError) as stopped:
+        fit_line(tmp_path, nan_loss_at=3, log_every=1)
+    message = str(stopped.value)
+    assert "checkpoint, of step" not in message and "resume from it" not in message
+    assert "No checkpoint had been saved yet, so nothing of this run can be resumed. Lower --lr. Then start " \
+        "again: the same command with a lower --lr, e.g. --lr 0.1." in message  # fmt: skip
+    run, _ = fit_line(tmp_path, lr=0.1)
+    assert read_manifest(run.path)["resumed_at_steps"] == [] and read_manifest(run.path)["status"] == "finished"
+
+
 def test_a_signal_is_acted_on_at_the_next_sync_step_and_resume_ends_on_the_same_weights_and_lines(tmp_path):
     whole_run, whole = fit_line(tmp_path / "whole")
     with pytest.raises(RunInterrupted, match="SIGTERM at step 4"):  # sent during step 3; lines every 2 steps

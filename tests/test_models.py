@@ -1,13 +1,17 @@
 """Loading the models the stages train: sequence lengths against a checkpoint's positions, and its vocabulary."""
 
+import copy
+import json
+import types
+
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, tiny_sft_config
 from transformers import AutoModelForCausalLM
 
 from llmtrain.data.corpus import REPO_DATA_DIR
 from llmtrain.errors import LLMTrainError
 from llmtrain.models import check_positions
-from llmtrain.stages import pretrain
+from llmtrain.stages import pretrain, sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,6 +29,24 @@ def test_a_length_past_learned_positions_is_refused_and_past_rotary_ones_is_note
     check_positions(qwen, qwen.config.max_position_embeddings, "--seq_len", "qwen3", note=notes.append)
     check_positions(qwen, 2 * qwen.config.max_position_embeddings, "--seq_len", "qwen3", note=notes.append)
     assert len(notes) == 1 and "past the 512 positions model 'qwen3' was trained with" in notes[0]
+    assert "its saved config has max_position_embeddings 1024" in notes[0]
+    assert qwen.config.max_position_embeddings == 1024  # what the model saved after training will say
+
+    scaled = copy.deepcopy(qwen.config)
+    scaled.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    stand_in = types.SimpleNamespace(config=scaled, named_modules=lambda: [])
+    check_positions(stand_in, 4096, "--seq_len", "qwen3", note=notes.append)
+    assert scaled.max_position_embeddings == 1024 and "keeps max_position_embeddings 1024" in notes[1]
+
+
+def test_a_run_past_the_rotary_positions_of_its_checkpoint_saves_the_length_it_trained_on(
+    finished_run, tmp_path, capsys
+):
+    assert json.loads((finished_run / "config.json").read_text())["max_position_embeddings"] == 64
+    longer = dict(init=str(finished_run), max_length=96, max_steps=2, task_eval_rows=0)
+    run = sft.run(tiny_sft_config(tmp_path, **longer))
+    assert f"--max_length 96 is past the 64 positions model '{finished_run}' was trained" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["max_position_embeddings"] == 96
 
 
 def test_continued_pretraining_refuses_a_tokenizer_that_is_not_the_checkpoints(family_models, tmp_path):

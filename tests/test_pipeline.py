@@ -96,6 +96,13 @@ def test_a_pipeline_section_with_an_unknown_key_is_named(tmp_path, capsys):
     assert "Unknown config key 'learning_rate' in the pipeline's sft section" in capsys.readouterr().err
 
 
+def test_a_pipeline_name_that_would_make_a_run_name_outside_the_runs_folder_is_refused(tmp_path, capsys):
+    assert main(["pipeline", "--runs_dir", str(tmp_path / "runs"), "--name", "../out"]) == 2
+    err = capsys.readouterr().err
+    assert "--name '../out': the pipeline names its runs ../out-<stage>, and a run name is one folder" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_gpu_pipeline_recipe_reads_every_stage_recipe(monkeypatch):
     from pathlib import Path
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from llmtrain.data.chat import IGNORE_INDEX, Example
+from llmtrain.data.chat import IGNORE_INDEX, BadRows, Example
 from llmtrain.data.corpus import REPO_DATA_DIR
 from llmtrain.data.preferences import (
     PreferencePair,
@@ -247,6 +247,29 @@ def test_bad_pairs_name_file_line_and_the_fix(tmp_path, row, problem):
     path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, "", row])
     with pytest.raises(LLMTrainError, match=r"^\S*prefs\.jsonl, line 3: .*" + problem):
         load_preference_pairs(str(path))
+
+
+def test_pairs_all_skipped_as_bad_say_so_and_the_skips_are_listed_in_the_run_folder(tmp_path):
+    from llmtrain.config import RewardConfig
+    from llmtrain.data.splits import train_and_eval_rows
+    from llmtrain.run_dir import Run
+
+    same = {"prompt": "p", "chosen": "a", "rejected": "a"}
+    data = write_jsonl(tmp_path / "same.jsonl", [same] * 5)
+    with pytest.raises(LLMTrainError) as refused:
+        load_preference_pairs(str(data), bad_rows=BadRows(100))
+    message = str(refused.value)
+    assert message.startswith(f"All 5 rows of {data} were skipped as unusable under --max_bad_rows 100")
+    assert "line 1: 'chosen' and 'rejected' are identical" in message and "holds no rows" not in message
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [same, '{"prompt": "p", ', *[{**same, "rejected": "b"}] * 8])
+    cfg = RewardConfig(data=str(mixed), eval_data=str(SAMPLES / "prefs.jsonl"), max_bad_rows=0.2)
+    run = Run(tmp_path / "rm", "reward", True)
+    train, _ = train_and_eval_rows(cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
+    run.start({})
+    listed = [json.loads(line) for line in (run.path / "bad_rows.jsonl").read_text().splitlines()]
+    assert len(train) == 8 and [row["where"] for row in listed] == [f"{mixed}, line {n}" for n in (1, 2)]
+    assert "not valid JSON" in listed[1]["reason"]
 
 
 # ---------------------------------------------------------------- pairs -> token pairs

@@ -2,16 +2,18 @@
 process trains in it, and a stage that fails before training leaves no folder behind."""
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_FLAGS, env_for, fit_line, tiny_config
+from helpers import REPO, TINY_FLAGS, env_for, fit_line, logged, tiny_config
 
 from llmtrain.config import SftConfig
 from llmtrain.errors import LLMTrainError, RunInterrupted
@@ -168,6 +170,91 @@ def test_a_resumed_run_refuses_a_hub_parent_that_moved_to_a_new_revision(tmp_pat
     assert read_manifest(run.path)["status"] == "finished"
 
 
+# ---------------------------------------------------------------- resuming with other options
+
+
+def test_a_resume_with_a_new_learning_rate_trains_with_it_from_the_resumed_step_and_records_it(tmp_path, capsys):
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 4"):
+        fit_line(tmp_path, stop_at=4, log_every=1)
+    run, _ = fit_line(tmp_path, lr=0.1, max_steps=10, log_every=1)  # the same command with --lr and --max_steps
+    assert "Resuming fit from step 4 (step-0000004). Changed since that checkpoint, from this step on: --lr 0.1 " \
+        "(was 0.3), --max_steps 10 (was 8)." in capsys.readouterr().out  # fmt: skip
+    lrs = {step: row["lr"] for step, row in logged(run.path).items()}
+    assert lrs == {**dict.fromkeys(range(1, 5), 0.3), **dict.fromkeys(range(5, 11), pytest.approx(0.1))}
+    manifest = read_manifest(run.path)
+    assert manifest["resumed_at_steps"] == [4] and manifest["config"]["lr"] == 0.1
+    assert manifest["resumed_changes"] == [
+        {"step": 4, "option": "lr", "old": 0.3, "new": 0.1},
+        {"step": 4, "option": "max_steps", "old": 8, "new": 10},
+    ]
+
+
+def test_a_resume_after_a_later_failure_replaces_the_changes_recorded_past_its_checkpoint(tmp_path):
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3, save_every=2)
+    with pytest.raises(LLMTrainError):
+        fit_line(tmp_path, lr=0.1, save_every=2, nan_loss_at=7)  # resumed at 4 with lr 0.1, saved 6, failed at 7
+    assert read_manifest(tmp_path / "fit")["resumed_changes"] == [{"step": 4, "option": "lr", "old": 0.3, "new": 0.1}]
+    run, _ = fit_line(tmp_path, lr=0.05, save_every=2)
+    manifest = read_manifest(run.path)
+    assert manifest["resumed_at_steps"] == [4, 6] and manifest["status"] == "finished"
+    assert manifest["resumed_changes"] == [
+        {"step": 4, "option": "lr", "old": 0.3, "new": 0.1},
+        {"step": 6, "option": "lr", "old": 0.1, "new": 0.05},  # compared with what step 6 was trained with
+    ]
+
+
+def test_a_resume_that_changes_the_data_order_or_the_model_is_refused_naming_each_change(tmp_path):
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3)
+    checkpoint = files(tmp_path / "fit" / "checkpoints")
+    with pytest.raises(LLMTrainError) as refused:
+        fit_line(tmp_path, batch_size=8, seed=7, lora=True, lr=0.1)
+    message = str(refused.value)
+    assert "Run 'fit' cannot resume from its checkpoint at step 4 with other values of options that shape" in message
+    for change in ("--seed 7 (the checkpoint's: 1337)", "--lora true (the checkpoint's: false)",
+                   "--batch_size 8 x 1 process (the checkpoint's: 32 x 1 process)"):  # fmt: skip
+        assert change in message
+    assert "--lr" not in message and "--overwrite true" in message and "a new --run_name" in message
+    assert files(tmp_path / "fit" / "checkpoints") == checkpoint and read_manifest(tmp_path / "fit")["config"]["seed"]
+    assert entries(tmp_path) == ["fit"]  # the lock was released
+
+    run, _ = fit_line(tmp_path, batch_size=8, seed=7, overwrite=True)  # the fix the message gives: start afresh
+    manifest = read_manifest(run.path)
+    assert manifest["resumed_at_steps"] == [] and manifest["config"]["seed"] == 7 and manifest["status"] == "finished"
+
+
+def test_a_per_process_batch_may_change_where_the_batch_of_all_processes_stays_the_same(tmp_path):
+    from llmtrain.run_dir import resume_changes
+
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3, batch_size=2)
+    checkpoint = tmp_path / "fit" / "checkpoints" / "step-0000004"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["config"]["batch_size"] == 2 and state["world_size"] == 1
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))  # as if on 2 processes
+    one_process = SftConfig(**{**state["config"], "batch_size": 4})
+    assert resume_changes(one_process, checkpoint, tmp_path / "fit", world=1) == [
+        {"step": 4, "option": "batch_size", "old": 2, "new": 4}
+    ]
+    with pytest.raises(LLMTrainError, match=r"--batch_size 3 x 1 process \(the checkpoint's: 2 x 2 processes\)"):
+        resume_changes(replace(one_process, batch_size=3), checkpoint, tmp_path / "fit", world=1)
+
+
+def test_resume_with_every_checkpoint_gone_says_so_before_it_starts_from_step_0(tmp_path, capsys):
+    with pytest.raises(RunInterrupted):
+        fit_line(tmp_path, stop_at=3)
+    shutil.rmtree(tmp_path / "fit" / "checkpoints")
+    capsys.readouterr()
+    run, _ = fit_line(tmp_path, resume=True)
+    out = capsys.readouterr().out
+    said = "--resume: run 'fit' has no checkpoint to resume from (none was saved before it stopped, or every one is " \
+        "damaged), so nothing is resumed: it starts again from step 0."  # fmt: skip
+    assert said in out and out.index(said) < out.index("run fit: a linear fit")  # before training
+    assert "Resuming" not in out and read_manifest(run.path)["resumed_at_steps"] == []
+    assert sorted(logged(run.path)) == [2, 4, 6, 8]
+
+
 # ---------------------------------------------------------------- the lock
 
 
@@ -225,6 +312,15 @@ def test_new_runs_opened_together_get_different_names(tmp_path):
 def test_a_run_name_with_a_leading_dot_is_refused(tmp_path):
     with pytest.raises(LLMTrainError, match="names starting with '.' are kept for llmtrain"):
         open_fit(tmp_path / "runs", run_name=".overwrite")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "team/exp1", "/absolute/run"])
+def test_a_run_name_outside_the_runs_folder_is_refused_before_anything_is_created(tmp_path, name):
+    cfg = SftConfig(runs_dir=str(tmp_path / "runs"))
+    cfg.run_name = name  # set after the config was made: the run folder checks it again
+    with pytest.raises(LLMTrainError, match="is not a run name: a run is one folder inside --runs_dir"):
+        Run.open(cfg, "sft", "linear", make_accelerator(cfg))
+    assert entries(tmp_path) == []  # no runs folder, no lock, nothing beside it
 
 
 # ---------------------------------------------------------------- no empty folders

@@ -84,13 +84,32 @@ class BadRows:
                 "--max_bad_rows (a count, or a share of the rows below 1) to skip them."
             )
 
+    def check_some_left(self, read: int, spec: str) -> None:
+        """Every row read was skipped: say so (not that the file holds no rows), with the first reason."""
+        if read and len(self.skipped) == read:
+            raise LLMTrainError(
+                f"All {read:,} rows of {spec} were skipped as unusable under --max_bad_rows {self.allowance:g}: "
+                f"none is left to use. The first: {self.skipped[0]['reason']}"
+            )
+
+
+@dataclass
+class Unreadable:
+    """A line of a data file that could not be read as a row (not UTF-8, not JSON): a bad row like any other, which
+    `convert_rows` skips under --max_bad_rows or stops at."""
+
+    reason: str
+
 
 def convert_rows(rows: Iterator[tuple[Any, str]], convert, spec: str, max_rows: int | None, bad: BadRows | None):
-    """`convert(row, where)` for each of the first `max_rows` rows. A row it refuses stops the load, unless `bad`
-    allows skipping it: then it is recorded there, and the load stops only when more are skipped than allowed."""
+    """`convert(row, where)` for each of the first `max_rows` rows. A row it refuses, or a line that could not be
+    read (`Unreadable`), stops the load, unless `bad` allows skipping it: then it is recorded there, and the load
+    stops only when more are skipped than allowed, or when every row was skipped."""
     out = []
     for row, where in islice(rows, max_rows):
         try:
+            if isinstance(row, Unreadable):
+                raise LLMTrainError(row.reason)
             out.append(convert(row, where))
         except LLMTrainError as e:
             if bad is None or not bad.allowance:
@@ -100,6 +119,7 @@ def convert_rows(rows: Iterator[tuple[Any, str]], convert, spec: str, max_rows: 
                 bad.check(len(out) + len(bad.skipped), spec)
     if bad is not None:
         bad.check(len(out) + len(bad.skipped), spec)
+        bad.check_some_left(len(out) + len(bad.skipped), spec)
     return out
 
 
@@ -130,25 +150,36 @@ def local_rows(spec: str) -> Iterator[tuple[Any, str]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
-    # Read line by line ourselves (not with `datasets`) so every error can name the exact line.
+    """Each line's row, or `Unreadable` for a line that is not UTF-8 or not JSON. Read line by line here (not with
+    `datasets`) so that every error names the exact line, and one broken line is one bad row, not the file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = utf8_text(raw, path, lineno)
+            if lineno == 1:
+                refuse_utf16(raw, path)  # the whole file is in another encoding: no line of it is a row
+            try:
+                line = utf8_text(raw, path, lineno)
+            except LLMTrainError as e:
+                yield Unreadable(str(e)), f"{path}, line {lineno}"
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LLMTrainError(
-                    f"{path}, line {lineno}: not valid JSON ({e.msg}). Fix or delete that line."
-                ) from None
+                row = Unreadable(f"{path}, line {lineno}: not valid JSON ({e.msg}). Fix or delete that line.")
             yield row, f"{path}, line {lineno}"
 
 
 def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
     # A .json file is either one array of rows or, as `datasets` also allows, JSON lines.
+    raw = path.read_bytes()
     try:
-        data = json.loads(utf8_text(path.read_bytes(), path))
+        data = json.loads(utf8_text(raw, path))
+    except LLMTrainError:
+        if raw.lstrip().startswith(b"["):
+            raise  # one JSON array, not UTF-8: no line of it can be read as a row on its own
+        yield from _jsonl_rows(path)  # JSON lines, where a line that is not UTF-8 is one bad row
+        return
     except json.JSONDecodeError:
         yield from _jsonl_rows(path)
         return
@@ -161,14 +192,20 @@ def _json_rows(path: Path) -> Iterator[tuple[Any, str]]:
         yield row, f"{path}, row {i}"
 
 
-def utf8_text(raw: bytes, path: Path, lineno: int | None = None) -> str:
-    """Bytes as UTF-8 text (a leading byte-order mark dropped); anything else is an error naming the encoding,
-    never text with replacement characters trained in silence."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and lineno in (None, 1):
+def refuse_utf16(first: bytes, path: Path) -> None:
+    """Stop on a file whose first bytes are a UTF-16 byte-order mark: the whole file is in another encoding."""
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise LLMTrainError(
             f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); data files must be UTF-8. Convert "
             f"it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > converted.jsonl`."
         )
+
+
+def utf8_text(raw: bytes, path: Path, lineno: int | None = None) -> str:
+    """Bytes as UTF-8 text (a leading byte-order mark dropped); anything else is an error naming the encoding,
+    never text with replacement characters trained in silence."""
+    if lineno in (None, 1):
+        refuse_utf16(raw, path)
     try:
         return raw.decode("utf-8-sig" if lineno in (None, 1) else "utf-8")
     except UnicodeDecodeError as e:

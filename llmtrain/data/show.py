@@ -9,6 +9,7 @@ from llmtrain.data.chat import (
     ACCEPTED_SHAPES,
     CONVERSATION_KEYS,
     TokenizeStats,
+    Unreadable,
     hub_rows,
     local_rows,
     to_messages,
@@ -29,6 +30,9 @@ def show_data(tokenizer, spec: str, kind: str = "auto", rows: int = 3, max_rows:
 
     raw = local_rows(spec) if Path(spec).exists() else hub_rows(spec, "train", None, max_rows)
     raw = list(islice(raw, max_rows))
+    for row, _ in raw:
+        if isinstance(row, Unreadable):  # a line that is not UTF-8 or not JSON: the first one stops the showing
+            raise LLMTrainError(row.reason)
     if not raw:
         raise LLMTrainError(f"{spec} holds no rows. {ACCEPTED_SHAPES}")
     kind = _kind(raw[0][0]) if kind == "auto" else kind

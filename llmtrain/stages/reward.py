@@ -27,7 +27,8 @@ from llmtrain.data.splits import (
     train_and_eval_rows,
     trainset_sample,
 )
-from llmtrain.distributed import micro_step, process_share
+from llmtrain.distributed import micro_step
+from llmtrain.evaluate import evaluate_pairs
 from llmtrain.loop import Loop, open_run, prepare
 from llmtrain.lora import add_lora
 from llmtrain.losses import bradley_terry_loss
@@ -150,29 +151,3 @@ def _pair_key(pair) -> str:
     """A test pair's key in test_items.jsonl: a digest of both sides' tokens (the same pair, the same key)."""
     ids = [*pair.chosen.input_ids, -1, *pair.rejected.input_ids]
     return hashlib.sha1(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, accelerator) -> tuple[dict[str, float], dict]:
-    """Held-out Bradley-Terry loss and pairwise accuracy (chosen scored above rejected), plus the scores."""
-    from accelerate.utils import gather_object
-
-    was_training = model.training
-    model.eval()
-    chosen_all, rejected_all = [], []
-    mine, own = process_share(len(pairs), accelerator)
-    for i in range(0, len(mine), batch_size):
-        chunk = [pairs[j] for j in mine[i : i + batch_size]]
-        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(chunk, pad_id).items()}
-        batch.pop("labels")
-        chosen, rejected = model(**batch).logits.squeeze(-1).float().chunk(2)
-        chosen_all += chosen.tolist()
-        rejected_all += rejected.tolist()
-    chosen_all, rejected_all = chosen_all[:own], rejected_all[:own]
-    if accelerator.num_processes > 1:
-        chosen_all, rejected_all = gather_object(chosen_all), gather_object(rejected_all)
-    if was_training:
-        model.train()
-    c, r = torch.tensor(chosen_all), torch.tensor(rejected_all)
-    metrics = {"val_loss": bradley_terry_loss(c, r).item(), "reward_accuracy": (c > r).float().mean().item()}
-    return metrics, {"chosen": chosen_all, "rejected": rejected_all}
