@@ -6,57 +6,59 @@ import yaml
 from llmtrain.cli import main
 
 
+def tiny_recipe(path, corpus):
+    """A pipeline recipe whose every stage takes seconds on a CPU, written to `path`."""
+    recipe = {
+        "tokenizer": {"vocab_size": 320},
+        "pretrain": {
+            "data": str(corpus),
+            "preset": "gpt-nano",
+            "seq_len": 64,
+            "batch_size": 8,
+            "max_steps": 30,
+            "eval_every": 0,
+            "num_samples": 1,
+            "sample_tokens": 4,
+        },
+        "sft": {
+            "max_rows": 200,
+            "batch_size": 16,
+            "max_steps": 10,
+            "task_eval_rows": 8,
+            "eval_every": 0,
+            "num_samples": 1,
+            "max_new_tokens": 12,
+            "max_length": 64,
+        },
+        "reward": {"max_rows": 200, "batch_size": 16, "max_steps": 8, "eval_every": 0, "max_length": 64},
+        "dpo": {
+            "max_rows": 200,
+            "batch_size": 8,
+            "max_steps": 4,
+            "task_eval_rows": 8,
+            "eval_every": 0,
+            "num_samples": 1,
+            "max_new_tokens": 12,
+            "max_length": 64,
+        },
+        "ppo": {
+            "max_rows": 64,
+            "batch_size": 8,
+            "max_steps": 2,
+            "task_eval_rows": 8,
+            "num_samples": 1,
+            "max_new_tokens": 12,
+            "max_length": 64,
+            "sample_every": 0,
+        },
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.mark.slow
 def test_pipeline_runs_the_stages_in_order_then_skips_what_exists(tmp_path, small_corpus, capsys):
-    recipe = tmp_path / "pipeline.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "tokenizer": {"vocab_size": 320},
-                "pretrain": {
-                    "data": str(small_corpus),
-                    "preset": "gpt-nano",
-                    "seq_len": 64,
-                    "batch_size": 8,
-                    "max_steps": 30,
-                    "eval_every": 0,
-                    "num_samples": 1,
-                    "sample_tokens": 4,
-                },
-                "sft": {
-                    "max_rows": 200,
-                    "batch_size": 16,
-                    "max_steps": 10,
-                    "task_eval_rows": 8,
-                    "eval_every": 0,
-                    "num_samples": 1,
-                    "max_new_tokens": 12,
-                    "max_length": 64,
-                },
-                "reward": {"max_rows": 200, "batch_size": 16, "max_steps": 8, "eval_every": 0, "max_length": 64},
-                "dpo": {
-                    "max_rows": 200,
-                    "batch_size": 8,
-                    "max_steps": 4,
-                    "task_eval_rows": 8,
-                    "eval_every": 0,
-                    "num_samples": 1,
-                    "max_new_tokens": 12,
-                    "max_length": 64,
-                },
-                "ppo": {
-                    "max_rows": 64,
-                    "batch_size": 8,
-                    "max_steps": 2,
-                    "task_eval_rows": 8,
-                    "num_samples": 1,
-                    "max_new_tokens": 12,
-                    "max_length": 64,
-                    "sample_every": 0,
-                },
-            }
-        )
-    )
+    recipe = tiny_recipe(tmp_path / "pipeline.yaml", small_corpus)
     runs = tmp_path / "runs"
     assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(runs), "--name", "p"]) == 0
     table = capsys.readouterr().out.strip().splitlines()[-6:]
@@ -391,3 +393,43 @@ def test_a_seeds_pipeline_refuses_to_push_every_seed_to_one_repository(tmp_path,
     assert main(["pipeline", "--config", str(recipe), "--runs_dir", str(tmp_path), "--seeds", "0,1"]) == 2
     err = capsys.readouterr().err
     assert "push_to_hub: true in the pipeline's sft section with --seeds 0,1" in err and "me/model" in err
+
+
+@pytest.mark.slow
+def test_the_seeds_benchmark_runs_every_stage_per_seed_with_a_control_and_reports_the_table(tmp_path, small_corpus):
+    """benchmarks/bench_seeds.py on the tiny recipe with two seeds: each seed's runs, the control continued from that
+    seed's SFT run, and the seeds table with the machine, threads and versions beside it."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, env_for, manifest
+
+    recipe = tiny_recipe(tmp_path / "pipeline.yaml", small_corpus)
+    runs, out = tmp_path / "runs", tmp_path / "seeds.json"
+    script = REPO / "benchmarks" / "bench_seeds.py"
+    cmd = [sys.executable, str(script), "--config", str(recipe), "--seeds", "0,1", "--name", "p", "--threads", "1"]
+    cmd += ["--runs_dir", str(runs), "--out", str(out)]
+    result = subprocess.run(cmd, env=env_for(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    order = ["pretrain", "sft", "control", "reward", "dpo", "ppo"]
+    for seed in (0, 1):
+        for stage in order:
+            run = manifest(runs / f"p-s{seed}-{stage}")
+            assert run["status"] == "finished" and run["config"]["seed"] == seed
+    control = manifest(runs / "p-s1-control")
+    assert control["parent"] == "p-s1-sft" and control["config"]["epochs"] == 1
+    assert manifest(runs / "p-s0-dpo")["parent"] == "p-s0-sft" and not (runs / "p-s0-tokenizer").exists()
+
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1 and {"python", "torch", "transformers", "datasets"} <= set(report["versions"])
+    assert report["command"].startswith("OMP_NUM_THREADS=1 python recipes/pipeline.py --seeds 0,1")
+    stages = {s["stage"]: s for s in report["seeds_report"]["stages"]}
+    assert list(stages) == order and all(set(s["values"]) == {"0", "1"} for s in stages.values())
+    assert stages["dpo"]["vs_control"]["beats"].keys() == {"0", "1"}
+    if stages["dpo"]["metric"] == "test_task_accuracy" and (runs / "p-s0-dpo" / "test_items.jsonl").is_file():
+        gain = stages["dpo"]["vs_control"]  # per-item test scores: a paired interval over items x seeds
+        assert gain["pairs"] > 0 and gain["low"] <= gain["mean"] <= gain["high"]
+    table = out.with_suffix(".md").read_text()
+    assert "mean ± std (2 seeds)" in table and [f"| {stage} " in table for stage in order] == [True] * 6
+    assert (runs / "p-seeds.json").is_file() and (runs / "p-seeds.md").is_file()
