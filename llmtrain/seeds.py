@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtrain.errors import LLMTrainError
 from llmtrain.registry import MANIFEST, read_manifest
 
 TEST_ITEMS = "test_items.jsonl"
@@ -180,11 +181,15 @@ def summarize_stage(
     summary = StageSummary(stage, names, metric, higher, values, mean, std)
     parent_key = f"parent_{metric}"
     parent_values = {s: float(r.metrics[parent_key]) for s, r in runs.items() if parent_key in r.metrics}
-    parent_pairs = {s: paired_differences(r.items, r.parent_items) for s, r in runs.items()}
+    # Per-item scores are test scores: they pair only with a test headline, never with a validation fallback.
+    paired = metric == TEST_HEADLINES[stage].test
+    parent_pairs = {s: paired_differences(r.items, r.parent_items) for s, r in runs.items() if paired}
     summary.vs_parent = compare("parent", values, parent_values, parent_pairs, higher)
     if control and choose_metric(CONTROL, list(control.values())) == metric:
         control_values = {s: float(control[s].metrics[metric]) for s in runs if s in control}
-        control_pairs = {s: paired_differences(r.items, control[s].items) for s, r in runs.items() if s in control}
+        control_pairs = {
+            s: paired_differences(r.items, control[s].items) for s, r in runs.items() if s in control and paired
+        }
         summary.vs_control = compare(CONTROL, values, control_values, control_pairs, higher)
     return summary
 
@@ -199,13 +204,20 @@ def read_items(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float]]
     parent: dict[str, float] = {}
     if not path.is_file():
         return scores, parent
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        scores[str(row["item"])] = float(row["score"])
-        if row.get("parent_score") is not None:
-            parent[str(row["item"])] = float(row["parent_score"])
+        try:
+            row = json.loads(line)
+            scores[str(row["item"])] = float(row["score"])
+            if row.get("parent_score") is not None:
+                parent[str(row["item"])] = float(row["parent_score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise LLMTrainError(
+                f"{path}, line {number}: not a test item ({e.__class__.__name__}: {e}). Each line is a JSON object "
+                '{"item": KEY, "score": NUMBER} with an optional "parent_score"; remove the file to report the run '
+                "without per-item scores, or run the stage again to write it anew."
+            ) from None
     return scores, parent
 
 

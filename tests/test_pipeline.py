@@ -238,9 +238,9 @@ def test_without_test_figures_the_validation_headline_is_used_and_named_and_gain
     from llmtrain.seeds import StageRun, format_seeds_table, summarize_stage
 
     runs = {
-        0: StageRun("p-s0-sft", {"task_accuracy": 0.6, "parent_task_accuracy": 0.2}),
-        1: StageRun("p-s1-sft", {"task_accuracy": 0.8, "parent_task_accuracy": 0.3}),
-    }
+        0: StageRun("p-s0-sft", {"task_accuracy": 0.6, "parent_task_accuracy": 0.2}, scores(1, 1), scores(0, 0)),
+        1: StageRun("p-s1-sft", {"task_accuracy": 0.8, "parent_task_accuracy": 0.3}, scores(1, 1), scores(0, 0)),
+    }  # test items, which never pair with a validation figure
     s = summarize_stage("sft", runs)
     assert s.metric == "task_accuracy" and s.mean == pytest.approx(0.7)
     assert s.vs_parent.mean == pytest.approx(0.45) and s.vs_parent.low is None and s.vs_parent.pairs == 0
@@ -433,3 +433,12 @@ def test_the_seeds_benchmark_runs_every_stage_per_seed_with_a_control_and_report
     table = out.with_suffix(".md").read_text()
     assert "mean ± std (2 seeds)" in table and [f"| {stage} " in table for stage in order] == [True] * 6
     assert (runs / "p-seeds.json").is_file() and (runs / "p-seeds.md").is_file()
+
+
+def test_a_damaged_test_items_file_is_named_with_its_line(tmp_path):
+    from llmtrain.errors import LLMTrainError
+    from llmtrain.seeds import read_items
+
+    (tmp_path / "test_items.jsonl").write_text('{"item": "q1", "score": 1}\n{"item": "q2"}\n')
+    with pytest.raises(LLMTrainError, match=r"test_items.jsonl, line 2: not a test item \(KeyError"):
+        read_items(tmp_path)
