@@ -2,6 +2,8 @@
 
 tokenizer -> pretrain -> sft, each on its recipe (the embedded default unless --config says otherwise).
 A stage whose run already exists and is finished is skipped, unless --redo names it (or `all`).
+`--seeds 0,1,2` runs it once per seed (`--control` adds one more epoch of SFT per seed as the control) and ends
+with each stage's test headline over the seeds and its gains with bootstrap intervals.
 """
 
 import sys
