@@ -35,10 +35,10 @@ SFT_FILES = ("sft_prompt_response.jsonl", "sft_messages.jsonl", "sft_alpaca.json
 SYSTEM = "You are a careful arithmetic tutor. Answer with the full equation."
 MULTI_TURN = [
     {"role": "system", "content": SYSTEM},
-    {"role": "user", "content": "What is 45 + 42?"},
-    {"role": "assistant", "content": "45 + 42 = 87"},
-    {"role": "user", "content": "What is 76 - 47?"},
-    {"role": "assistant", "content": "76 - 47 = 29"},
+    {"role": "user", "content": "What is 18 + 38?"},
+    {"role": "assistant", "content": "18 + 38 = 56"},
+    {"role": "user", "content": "What is 52 + 62?"},
+    {"role": "assistant", "content": "52 + 62 = 114"},
 ]
 
 
@@ -75,8 +75,8 @@ def test_prompt_response_rows_become_a_user_and_an_assistant_message():
     chats = load_chat_rows(str(SAMPLES / "sft_prompt_response.jsonl"))
     assert len(chats) == 10
     assert chats[0] == [
-        {"role": "user", "content": "What is 87 + 56?"},
-        {"role": "assistant", "content": "87 + 56 = 143"},
+        {"role": "user", "content": "What is 91 + 36?"},
+        {"role": "assistant", "content": "91 + 36 = 127"},
     ]
 
 
@@ -85,8 +85,8 @@ def test_messages_rows_keep_every_turn_in_order():
     assert len(chats) == 7
     assert chats[0] == MULTI_TURN
     assert chats[1] == [
-        {"role": "user", "content": "What is 75 - 43?"},
-        {"role": "assistant", "content": "75 - 43 = 32"},
+        {"role": "user", "content": "What is 90 - 66?"},
+        {"role": "assistant", "content": "90 - 66 = 24"},
     ]
 
 
@@ -94,10 +94,10 @@ def test_alpaca_rows_put_the_input_after_a_blank_line_only_when_there_is_one():
     chats = load_chat_rows(str(SAMPLES / "sft_alpaca.jsonl"), max_rows=2)
     assert chats == [
         [
-            {"role": "user", "content": "Solve the arithmetic problem.\n\nWhat is 54 - 34?"},
-            {"role": "assistant", "content": "54 - 34 = 20"},
+            {"role": "user", "content": "Solve the arithmetic problem.\n\nWhat is 36 + 46?"},
+            {"role": "assistant", "content": "36 + 46 = 82"},
         ],
-        [{"role": "user", "content": "What is 69 - 18?"}, {"role": "assistant", "content": "69 - 18 = 51"}],
+        [{"role": "user", "content": "What is 50 + 95?"}, {"role": "assistant", "content": "50 + 95 = 145"}],
     ]
 
 
@@ -117,8 +117,8 @@ def test_sharegpt_rows_become_the_same_messages_as_their_messages_rows():
     chats = load_chat_rows(str(SAMPLES / "sft_sharegpt.jsonl"))
     assert chats[0] == MULTI_TURN
     assert chats[1] == [
-        {"role": "user", "content": "What is 75 - 43?"},
-        {"role": "assistant", "content": "75 - 43 = 32"},
+        {"role": "user", "content": "What is 90 - 66?"},
+        {"role": "assistant", "content": "90 - 66 = 24"},
     ]
     assert chats == load_chat_rows(str(SAMPLES / "sft_messages.jsonl"), max_rows=3)
 
@@ -334,7 +334,7 @@ def test_a_missing_file_and_an_unloadable_hub_id_give_clear_errors(tmp_path):
 def test_only_assistant_answers_and_their_end_tokens_are_trained_in_a_multi_turn_chat(tok):
     example = tokenize_chat(tok, MULTI_TURN, max_length=256)
     trained = [t for t in example.labels if t != IGNORE_INDEX]
-    assert tok.decode(trained) == "45 + 42 = 87<|end|>76 - 47 = 29<|end|>"
+    assert tok.decode(trained) == "18 + 38 = 56<|end|>52 + 62 = 114<|end|>"
     assert [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX] == trained
     assert tok.decode(example.input_ids) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
 
@@ -400,7 +400,7 @@ def test_a_sharegpt_file_goes_through_the_sft_loading_and_tokenization(tok, tmp_
     examples, stats = tokenize_dataset(tok, train, max_length=256, source=sharegpt)
     assert (stats.rows, stats.truncated, stats.dropped, stats.unverified) == (3, 0, 0, 0)
     trained = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in examples]
-    assert trained == ["45 + 42 = 87<|end|>76 - 47 = 29<|end|>", "75 - 43 = 32<|end|>", "38 + 61 = 99<|end|>"]
+    assert trained == ["18 + 38 = 56<|end|>52 + 62 = 114<|end|>", "90 - 66 = 24<|end|>", "79 - 60 = 19<|end|>"]
     assert tok.decode(examples[0].input_ids) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
 
 

@@ -135,7 +135,9 @@ def test_any_checkpoint_folders_work_for_policy_and_reward_and_lora_shares_the_r
     m = manifest(out)
     assert m["parent"] == str(policy.resolve()) and m["parents"] == [str(policy.resolve()), str(scorer.resolve())]
     assert m["model"]["source"] == "local" and m["model"]["reference"] == "adapter-disabled base"
-    assert m["data"]["prompts"] == 38 and m["config"]["data"] == str(prompts)  # 2 held out (val_fraction)
+    # Of 40 rows, 2 held out for validation (val_fraction) and 2 for the test (test_fraction).
+    assert m["data"]["prompts"] == 36 and m["config"]["data"] == str(prompts)
+    assert m["data"]["test"] == f"2 rows of {prompts} (--test_fraction 0.05)" and "test_reward" in m["metrics"]
     assert logged(out)[1]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapter off = the untouched base
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))  # merged on save
 

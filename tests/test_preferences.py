@@ -42,9 +42,9 @@ def assistant(text: str) -> dict:
 
 # A prompt with an earlier assistant turn: only the final answer may be labelled.
 MULTI_TURN = PreferencePair(
-    prompt=[user("What is 62 - 34?"), assistant("62 - 34 = 28"), user("What is 61 + 58?")],
-    chosen=[assistant("61 + 58 = 119")],
-    rejected=[assistant("61 + 58 = 129")],
+    prompt=[user("What is 87 - 56?"), assistant("87 - 56 = 31"), user("What is 67 + 98?")],
+    chosen=[assistant("67 + 98 = 165")],
+    rejected=[assistant("67 + 98 = 155")],
 )
 
 
@@ -72,7 +72,7 @@ def test_string_rows_become_one_user_prompt_and_one_assistant_answer_per_side():
     pairs = load_preference_pairs(str(SAMPLES / "prefs.jsonl"))
     assert len(pairs) == 10
     assert pairs[0] == PreferencePair(
-        [user("What is 67 - 58?")], [assistant("67 - 58 = 9")], [assistant("67 - 58 = 19")]
+        [user("What is 83 - 47?")], [assistant("83 - 47 = 36")], [assistant("83 - 47 = 130")]
     )
 
 
@@ -80,11 +80,11 @@ def test_message_list_rows_keep_the_system_message_in_the_prompt():
     pairs = load_preference_pairs(str(SAMPLES / "prefs_messages.jsonl"))
     assert len(pairs) == 10
     assert pairs[0] == PreferencePair(
-        [{"role": "system", "content": SYSTEM}, user("What is 67 - 58?")],
-        [assistant("67 - 58 = 9")],
-        [assistant("67 - 58 = 19")],
+        [{"role": "system", "content": SYSTEM}, user("What is 83 - 47?")],
+        [assistant("83 - 47 = 36")],
+        [assistant("83 - 47 = 130")],
     )
-    assert pairs[1].prompt == [user("What is 62 - 34?")]
+    assert pairs[1].prompt == [user("What is 87 - 56?")]
 
 
 def test_hh_rlhf_text_is_split_into_turns_at_the_common_prefix():
@@ -120,7 +120,7 @@ def test_answers_may_be_several_assistant_messages_and_the_prompt_may_end_after_
 def test_ultrafeedback_rows_split_the_repeated_prompt_off_both_conversations():
     pairs = load_preference_pairs(str(SAMPLES / "prefs_ultrafeedback.jsonl"))
     assert pairs[0] == PreferencePair(
-        [user("What is 67 - 58?")], [assistant("67 - 58 = 9")], [assistant("67 - 58 = 19")]
+        [user("What is 83 - 47?")], [assistant("83 - 47 = 36")], [assistant("83 - 47 = 130")]
     )
     assert pairs == load_preference_pairs(str(SAMPLES / "prefs.jsonl"), max_rows=2)
 
@@ -151,7 +151,7 @@ def test_sharegpt_messages_and_text_parts_are_read_in_preference_rows():
 def test_the_large_training_file_loads_with_max_rows():
     pairs = load_preference_pairs(str(REPO_DATA_DIR / "prefs_train.jsonl"), max_rows=5)
     assert len(pairs) == 5
-    assert pairs[0].prompt == [user("What is 82 + 42?")] and pairs[0].rejected == [assistant("82 + 42 = 114")]
+    assert pairs[0].prompt == [user("What is 70 - 52?")] and pairs[0].rejected == [assistant("70 - 52 = 28")]
 
 
 def test_a_folder_of_json_and_parquet_files_and_a_missing_hub_id_use_the_chat_readers(tmp_path):
@@ -265,7 +265,7 @@ def test_pairs_all_skipped_as_bad_say_so_and_the_skips_are_listed_in_the_run_fol
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [same, '{"prompt": "p", ', *[{**same, "rejected": "b"}] * 8])
     cfg = RewardConfig(data=str(mixed), eval_data=str(SAMPLES / "prefs.jsonl"), max_bad_rows=0.2)
     run = Run(tmp_path / "rm", "reward", True)
-    train, _ = train_and_eval_rows(cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
+    train, *_ = train_and_eval_rows(cfg, run, load_preference_pairs, "prefs_train.jsonl", "prefs_val.jsonl")
     run.start({})
     listed = [json.loads(line) for line in (run.path / "bad_rows.jsonl").read_text().splitlines()]
     assert len(train) == 8 and [row["where"] for row in listed] == [f"{mixed}, line {n}" for n in (1, 2)]
@@ -290,8 +290,8 @@ def test_only_the_answer_and_its_end_token_are_labelled_on_both_sides(tok, name)
 
 def test_an_earlier_assistant_turn_in_the_prompt_is_not_labelled(tok):
     (tp,), _ = tokenize_pairs(tok, [MULTI_TURN], max_length=256)
-    assert answer_text(tok, tp.chosen) == "61 + 58 = 119<|end|>"
-    assert answer_text(tok, tp.rejected) == "61 + 58 = 129<|end|>"
+    assert answer_text(tok, tp.chosen) == "67 + 98 = 165<|end|>"
+    assert answer_text(tok, tp.rejected) == "67 + 98 = 155<|end|>"
     prompt_len = len(tok.apply_chat_template(MULTI_TURN.prompt, add_generation_prompt=True)["input_ids"])
     assert tp.chosen.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert tp.chosen.labels[prompt_len] != IGNORE_INDEX  # the answer starts right after the generation prompt

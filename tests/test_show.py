@@ -29,7 +29,7 @@ def test_sharegpt_rows_are_recognised_as_chat_rows(family_models, capsys):
     out = capsys.readouterr().out
     rows = out.split("\n\n", 1)[1]  # after the legend
     marked = [part.split("]]")[0] for part in rows.split("[[")[1:]]
-    assert marked == ["45 + 42 = 87<|im_end|>", "76 - 47 = 29<|im_end|>"]
+    assert marked == ["18 + 38 = 56<|im_end|>", "52 + 62 = 114<|im_end|>"]
     assert "3 conversations -> 3 examples" in out
 
 

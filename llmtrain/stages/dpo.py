@@ -180,9 +180,11 @@ def run(cfg: DpoConfig) -> Path:
         if tested is not None:
             rows, (test_pairs, _) = tested
             test_prompts = [p.prompt for p in rows if len(p.prompt) == 1][: cfg.task_eval_rows]
-            with parent_model(init, cfg, accelerator, raw_model, ref_model) as parent:
-                test_ref = score_pairs(lambda b: _logprobs(parent, b), test_pairs, pad_id, cfg.batch_size, accelerator)
-                parent_test, parent_replies = answers(test_prompts, policy=parent)
+            with parent_model(init, cfg, accelerator, raw_model, ref_model) as parent_policy:
+                test_ref = score_pairs(
+                    lambda b: _logprobs(parent_policy, b), test_pairs, pad_id, cfg.batch_size, accelerator
+                )
+                parent_test, parent_replies = answers(test_prompts, policy=parent_policy)
             test = preferences(test_pairs, test_ref)
             task, replies = answers(test_prompts)
             test |= task

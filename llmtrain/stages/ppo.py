@@ -234,8 +234,8 @@ def run(cfg: PpoConfig) -> Path:
             test_prompts = test_prompts[: cfg.task_eval_rows]
             test = evaluate(on=test_prompts)
             ours = list(replies)
-            with parent_model(init, cfg, accelerator, raw.policy, reference) as parent:
-                parent_test = evaluate(on=test_prompts, policy=parent)
+            with parent_model(init, cfg, accelerator, raw.policy, reference) as parent_policy:
+                parent_test = evaluate(on=test_prompts, policy=parent_policy)
             if checker is not None:
                 items = item_scores(test_prompts, ours, replies, checker)
         state_dict = loop.full_state_dict()

@@ -154,8 +154,8 @@ def run(cfg: SftConfig) -> Path:
             test_split = Split(examples, _prompts(rows)[: cfg.task_eval_rows])
             test = evaluate(test_split, answers=True)
             ours = test_split.replies
-            with parent_model(init, cfg, accelerator, raw_model) as parent:
-                parent_test = evaluate(test_split, answers=True, policy=parent)
+            with parent_model(init, cfg, accelerator, raw_model) as parent_policy:
+                parent_test = evaluate(test_split, answers=True, policy=parent_policy)
             if checker is not None:
                 items = item_scores(test_split.prompts, ours, test_split.replies, checker)
         save_policy(raw_model, loop.full_state_dict(), tokenizer, run.path, cfg, accelerator)
