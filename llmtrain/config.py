@@ -493,6 +493,13 @@ class PpoConfig(PolicyConfig):
         default=None, metadata={"help": "Adapt kl_coef toward this KL per response (adaptive KL controller)."}
     )
     kl_horizon: int = 10_000
+    keep_best: str | None = field(
+        default="auto",
+        metadata={
+            "help": KEEP_BEST_HELP + " auto: task_accuracy when a checker applies (the parent's evaluation counts, "
+            "so a run that never beats its parent on validation saves the parent's weights), else none."
+        },
+    )
     hacking_kl: float | None = field(
         default=10.0,
         metadata={

@@ -109,6 +109,8 @@ class Loop:
     # The validation metric a stage is judged by (its fit, and early stopping when --keep_best names none), and
     # what the fit diagnosis also reads: a measure the stage does not optimize, and the KL bound (PPO).
     metric: str = "val_loss"
+    # --keep_best as it applies ("auto", a stage's default, is resolved by the stage: None until it does).
+    keep_best: str | None = None
     guard: str | None = None
     guard_rows: int = 0
     kl_bound: float | None = None
@@ -132,6 +134,7 @@ class Loop:
     def begin(cls, cfg: Any, accelerator, run: Run, model, optimizer, total_steps: int) -> Loop:
         """A loop at step 0, or at the run's last checkpoint (model, optimizer, RNG and the stage's state)."""
         loop = cls(cfg, accelerator, run, model, optimizer, total_steps, peak_flops=peak_flops(accelerator.device))
+        loop.keep_best = None if cfg.keep_best in ("auto", "none") else cfg.keep_best
         if run.resume_from is not None:
             # The optimizer's state comes back with its param groups, peak learning rates included; the peaks are
             # this run's (--lr, PPO's --value_lr), which a resume may change, so they are put back after loading.
@@ -436,7 +439,7 @@ class Loop:
     @property
     def watched(self) -> str:
         """The metric that picks the best evaluation and stops early: --keep_best, else the stage's own."""
-        return self.cfg.keep_best or self.metric
+        return self.keep_best or self.metric
 
     def evaluated(self, metrics: dict[str, float], trainset: dict[str, float] | None = None) -> None:
         """An evaluation on validation (at step 0: the parent's) and, when given, the same measured on a fixed
@@ -448,33 +451,33 @@ class Loop:
         self.state.setdefault("evals", []).append({"step": self.step, **row})
         name = self.watched
         if name not in metrics:
-            if self.step > 0 and self.cfg.keep_best:
+            if self.step > 0 and self.keep_best:
                 raise LLMTrainError(
                     f"--keep_best {name}: this {self.run.stage} run's evaluations measure "
                     f"{', '.join(sorted(metrics))}, not {name}. Name one of those (or leave --keep_best unset)."
                 )
             return
-        best = self.state.get("best")
-        if best is not None and not improved(metrics[name], best["value"], name):
-            self.state["since_best"] = self.state.get("since_best", 0) + 1
-            patience = self.cfg.early_stopping_patience
-            if patience and self.state["since_best"] >= patience and not self._steps_saved:
-                self.write(
-                    f"step {self.step}: {name} {metrics[name]:.4g}, no better than {best['value']:.4g} (step "
-                    f"{best['step']}) for {patience} evaluations: stopping early"
-                )
-                self.stop("early_stopping")
-            return
-        self.state["best"] = {"step": self.step, "metric": name, "value": metrics[name]}
-        self.state["since_best"] = 0
-        if self.cfg.keep_best and not self._steps_saved:  # after the steps, the weights are the ones in memory
-            self.run.save_checkpoint(self.accelerator, self.step, self._trainer_state(), 0, name=BEST)
+        value, best = metrics[name], self.state.get("best")
+        better = best is None or improved(value, best["value"], name)
+        self.state["since_best"] = 0 if better else self.state.get("since_best", 0) + 1
+        if better or not improved(best["value"], value, name):  # a tie goes to the later evaluation
+            self.state["best"] = {"step": self.step, "metric": name, "value": value}
+            if self.keep_best and not self._steps_saved:  # after the steps, the weights are the ones in memory
+                self.run.save_checkpoint(self.accelerator, self.step, self._trainer_state(), 0, name=BEST)
+        patience = self.cfg.early_stopping_patience
+        if patience and self.state["since_best"] >= patience and not self._steps_saved:
+            best = self.state["best"]
+            self.write(
+                f"step {self.step}: {name} {value:.4g}, no better than {best['value']:.4g} (step {best['step']}) for "
+                f"{patience} evaluations: stopping early"
+            )
+            self.stop("early_stopping")
 
     def restore_best(self) -> bool:
         """With --keep_best, after the final evaluation: put back the weights of the best evaluation when it was not
         the last one. Returns whether it did (the stage then evaluates the restored weights again)."""
         best = self.state.get("best")
-        if not self.cfg.keep_best or best is None or best["step"] == self.step:
+        if not self.keep_best or best is None or best["step"] == self.step:
             return False
         self.run.load_best(self.accelerator)
         self._print(
@@ -550,7 +553,7 @@ class Loop:
             metrics["skipped_steps"] = self.state["skipped_steps"]
         fit = diagnose(self.state.get("evals", []), self.metric, self.guard, self.guard_rows, kl, self.kl_bound)
         fields: dict[str, Any] = {"fit": fit.as_dict()}
-        if self.cfg.keep_best and "best" in self.state:
+        if self.keep_best and "best" in self.state:
             fields["best"] = self.state["best"]
         self.run.update(status="finished", metrics=metrics, **fields)
         if test_items is not None:

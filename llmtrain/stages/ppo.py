@@ -142,6 +142,8 @@ def run(cfg: PpoConfig) -> Path:
     loop.sync_every_step = True  # each step reads its rollouts on the host anyway (texts, rewards, the KL)
     loop.metric, loop.kl_bound = "val_reward", cfg.hacking_kl
     loop.guard, loop.guard_rows = ("task_accuracy", len(eval_prompts)) if checker is not None else (None, 0)
+    if cfg.keep_best == "auto":  # with a checker, the saved policy is the evaluation with the best task accuracy
+        loop.keep_best = "task_accuracy" if checker is not None else None
     if loop.step == 0:
         parent_metrics, parent_trainset = evaluate(), evaluate(on=trainset_prompts)
         loop.state = {"parent_metrics": parent_metrics, "parent_trainset": parent_trainset}
