@@ -70,7 +70,7 @@ def test_pipeline_runs_the_stages_in_order_then_skips_what_exists(tmp_path, smal
         ["dpo", "p-dpo"],
         ["ppo", "p-ppo"],
     ]
-    assert "val_bpb=" in table[1] and "task_accuracy=" in table[2]
+    assert "test_bpb=" in table[1] and "test_task_accuracy=" in table[2]  # the test set's figures
     assert "reward_accuracy=" in table[3] and "task_accuracy=" in table[4] and "task_accuracy=" in table[5]
     sft = json.loads((runs / "p-sft" / "llmtrain.json").read_text())
     assert sft["parent"] == "p-pretrain" and sft["status"] == "finished"
