@@ -434,9 +434,9 @@ def test_the_seeds_benchmark_runs_every_stage_per_seed_with_a_control_and_report
     stages = {s["stage"]: s for s in report["seeds_report"]["stages"]}
     assert list(stages) == order and all(set(s["values"]) == {"0", "1"} for s in stages.values())
     assert stages["dpo"]["vs_control"]["beats"].keys() == {"0", "1"}
-    if stages["dpo"]["metric"] == "test_task_accuracy" and (runs / "p-s0-dpo" / "test_items.jsonl").is_file():
-        gain = stages["dpo"]["vs_control"]  # per-item test scores: a paired interval over items x seeds
-        assert gain["pairs"] > 0 and gain["low"] <= gain["mean"] <= gain["high"]
+    assert stages["dpo"]["metric"] == "test_task_accuracy" and (runs / "p-s0-dpo" / "test_items.jsonl").is_file()
+    gain = stages["dpo"]["vs_control"]  # per-item test scores: a paired interval over items x seeds
+    assert gain["pairs"] > 0 and gain["low"] <= gain["mean"] <= gain["high"]
     table = out.with_suffix(".md").read_text()
     assert "mean ± std (2 seeds)" in table and [f"| {stage} " in table for stage in order] == [True] * 6
     assert (runs / "p-seeds.json").is_file() and (runs / "p-seeds.md").is_file()
