@@ -500,6 +500,14 @@ class PpoConfig(PolicyConfig):
             "so a run that never beats its parent on validation saves the parent's weights), else none."
         },
     )
+    val_reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A second reward model (a run, folder or Hub id) that scores the validation answers "
+            "(val_check_reward) and is never optimized: the fit verdict calls a run reward hacking when PPO's "
+            "reward rose while this one fell."
+        },
+    )
     hacking_kl: float | None = field(
         default=10.0,
         metadata={

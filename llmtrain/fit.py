@@ -8,7 +8,8 @@ Each evaluation of a run measures its validation metric and, on as many training
 - `underfitting`: the training sample is no better than the parent's, or validation was still improving at the
   end about as fast as on average over the run (more training would help);
 - `reward_hacking`: the optimized reward rose while a validation measure it does not optimize (task accuracy, when
-  a checker exists) fell, or the policy drifted past a KL bound from its parent;
+  a checker exists; a second reward model's score, `--val_reward_model`) fell, or the policy drifted past a KL
+  bound from its parent;
 - `ok` otherwise.
 
 The thresholds are named below; they flag clear cases and leave noise alone (an accuracy must fall by more than
@@ -28,8 +29,10 @@ RELATIVE_TOLERANCE = 0.01
 ABSOLUTE_TOLERANCE = 0.01
 # Underfitting: the last interval's improvement per step at least this share of the run's average per step.
 STEEP_SHARE = 0.5
-# Reward hacking: a guard accuracy must fall by more than this many binomial standard errors (and 2 points).
+# Reward hacking: a guard accuracy must fall by more than this many binomial standard errors (and 2 points), a
+# second reward model's mean score by more than this share of its size.
 GUARD_STANDARD_ERRORS = 2.0
+REWARD_TOLERANCE = 0.05
 
 ADVICE = {
     "overfitting": "keep the best evaluation with --keep_best METRIC, stop early with --early_stopping_patience N, "
@@ -81,21 +84,22 @@ def metric_on_test(metric: str) -> str:
 def diagnose(
     evals: list[dict[str, float]],
     metric: str,
-    guard: str | None = None,
+    guards: tuple[str, ...] = (),
     guard_rows: int = 0,
     kl: float | None = None,
     kl_bound: float | None = None,
 ) -> Fit:
     """The verdict on a run from its evaluations (dicts with `step`, `metric` and its training-sample twin; the
-    first is the parent's when step is 0). `guard`: a validation measure the run does not optimize (task accuracy
-    beside a reward; `guard_rows` prompts behind it), `kl`/`kl_bound`: the final KL to the parent and its bound."""
+    first is the parent's when step is 0). `guards`: validation measures the run does not optimize (task accuracy,
+    a second reward model's score, beside PPO's reward; `guard_rows` prompts behind each), `kl`/`kl_bound`: the
+    final KL to the parent and its bound."""
     rows = [r for r in evals if metric in r and math.isfinite(r[metric])]
     if not rows:
         return Fit("ok", f"no evaluation measured {metric}", None)
     up = higher_is_better(metric)
     best = max(rows, key=lambda r: r[metric] if up else -r[metric])
     best_step = int(best["step"])
-    hacking = _reward_hacking(evals, metric, guard, guard_rows, kl, kl_bound)
+    hacking = _reward_hacking(evals, metric, guards, guard_rows, kl, kl_bound)
     if hacking:
         return Fit("reward_hacking", hacking, best_step)
     overfit = _overfitting(rows, metric, best)
@@ -159,7 +163,7 @@ def _underfitting(rows: list[dict[str, float]], metric: str) -> str | None:
 def _reward_hacking(
     evals: list[dict[str, float]],
     metric: str,
-    guard: str | None,
+    guards: tuple[str, ...],
     guard_rows: int,
     kl: float | None,
     kl_bound: float | None,
@@ -169,11 +173,19 @@ def _reward_hacking(
         return None
     first, last = rows[0], rows[-1]
     rose = f"{metric} rose from {first[metric]:.4g} to {last[metric]:.4g}"
-    if guard and guard in first and guard in last:
-        p = first[guard]
-        noise = GUARD_STANDARD_ERRORS * math.sqrt(max(p * (1 - p), 0.01) / max(guard_rows, 1))
-        if first[guard] - last[guard] > max(noise, 0.02):
-            return f"{rose} while {guard}, which it does not optimize, fell from {p:.4g} to {last[guard]:.4g}"
+    for guard in guards:
+        if guard in first and guard in last and first[guard] - last[guard] > _noise(guard, first[guard], guard_rows):
+            return (
+                f"{rose} while {guard}, which it does not optimize, fell from {first[guard]:.4g} to {last[guard]:.4g}"
+            )
     if kl is not None and kl_bound is not None and kl > kl_bound:
         return f"{rose} while the KL to the parent reached {kl:.3g} nats per response, past the bound {kl_bound:g}"
     return None
+
+
+def _noise(guard: str, value: float, rows: int) -> float:
+    """How far a guard may fall by chance: an accuracy, two binomial standard errors of `rows` answers (and two
+    points); a mean score, REWARD_TOLERANCE of its size (and 0.02)."""
+    if "accuracy" in guard:
+        return max(GUARD_STANDARD_ERRORS * math.sqrt(max(value * (1 - value), 0.01) / max(rows, 1)), 0.02)
+    return max(REWARD_TOLERANCE * abs(value), 0.02)

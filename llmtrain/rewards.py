@@ -77,11 +77,17 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
             "`accelerate launch recipes/reward.py`, give --reward_model a run or a sequence-classification "
             "checkpoint, or score with a function: --reward_fn llmtrain.data.default_task:answer_reward."
         )
-    source = resolve_model(latest["_dir"] if latest else cfg.reward_model, cfg.runs_dir)
+    return reward_model_source(latest["_dir"] if latest else cfg.reward_model, cfg, policy_tokenizer)
+
+
+def reward_model_source(spec: str, cfg: Any, policy_tokenizer, option: str = "--reward_model") -> RewardSource:
+    """The reward model `spec` names (a run, a sequence-classification folder or a Hub id), loaded and checked;
+    `option` names it in messages."""
+    source = resolve_model(spec, cfg.runs_dir)
     if source.kind == "preset":
-        raise LLMTrainError(f"--reward_model {cfg.reward_model} is a preset with random weights; give a reward model.")
-    source = hub_snapshot(source, cfg.runs_dir, "--reward_model")
-    _check_reward_checkpoint(source, cfg.trust_remote_code)
+        raise LLMTrainError(f"{option} {spec} is a preset with random weights; give a reward model.")
+    source = hub_snapshot(source, cfg.runs_dir, option)
+    _check_reward_checkpoint(source, cfg.trust_remote_code, option)
     tokenizer = load_tokenizer(source.path, trust_remote_code=cfg.trust_remote_code)
     model = load_reward_model(source.path, tokenizer, source.spec, cfg.attn_implementation, cfg.trust_remote_code)
     model.requires_grad_(False)
@@ -92,7 +98,7 @@ def load_reward(cfg: Any, policy_tokenizer) -> RewardSource:
     return RewardSource(source.spec, source.path, source.label, model, tokenizer, same)
 
 
-def _check_reward_checkpoint(source, trust_remote_code: bool = False) -> None:
+def _check_reward_checkpoint(source, trust_remote_code: bool = False, option: str = "--reward_model") -> None:
     from transformers import AutoConfig
 
     try:
@@ -103,13 +109,13 @@ def _check_reward_checkpoint(source, trust_remote_code: bool = False) -> None:
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise LLMTrainError(
-            f"--reward_model {source.spec} is not a sequence classifier (its config lists {architectures or 'none'}); "
+            f"{option} {source.spec} is not a sequence classifier (its config lists {architectures or 'none'}); "
             "a reward model gives one score per sequence. Train one with `accelerate launch recipes/reward.py`, or "
             "score with --reward_fn module:function."
         )
     if config.num_labels != 1:
         raise LLMTrainError(
-            f"--reward_model {source.spec} has {config.num_labels} outputs; a reward model must have exactly one score."
+            f"{option} {source.spec} has {config.num_labels} outputs; a reward model must have exactly one score."
         )
 
 

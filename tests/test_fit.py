@@ -61,18 +61,27 @@ def test_reward_up_while_unoptimized_accuracy_falls_is_reward_hacking():
         {"step": 0, "val_reward": 0.58, "task_accuracy": 0.835},
         {"step": 32, "val_reward": 1.16, "task_accuracy": 0.33},
     ]
-    fit = diagnose(history, "val_reward", guard="task_accuracy", guard_rows=400)
+    fit = diagnose(history, "val_reward", guards=("task_accuracy",), guard_rows=400)
     assert fit.verdict == "reward_hacking"
     assert fit.reason == "val_reward rose from 0.58 to 1.16 while task_accuracy, which it does not optimize, fell " \
         "from 0.835 to 0.33"  # fmt: skip
     # A drop within two binomial standard errors of 40 answers (2 x sqrt(0.835 x 0.165 / 40) = 0.117) is noise.
     history[1]["task_accuracy"] = 0.75
-    assert diagnose(history, "val_reward", guard="task_accuracy", guard_rows=40).verdict == "ok"
+    assert diagnose(history, "val_reward", guards=("task_accuracy",), guard_rows=40).verdict == "ok"
     # With 400 answers the same drop is real.
-    assert diagnose(history, "val_reward", guard="task_accuracy", guard_rows=400).verdict == "reward_hacking"
+    assert diagnose(history, "val_reward", guards=("task_accuracy",), guard_rows=400).verdict == "reward_hacking"
     # Accuracy that rose with the reward: ok.
     history[1]["task_accuracy"] = 0.9
-    assert diagnose(history, "val_reward", guard="task_accuracy", guard_rows=400).verdict == "ok"
+    assert diagnose(history, "val_reward", guards=("task_accuracy",), guard_rows=400).verdict == "ok"
+
+
+def test_reward_up_while_a_second_reward_model_scores_lower_is_reward_hacking():
+    history = [{"step": 0, "val_reward": 1.0, "val_check_reward": 2.0}, {"step": 9, "val_reward": 3.0}]
+    history[1]["val_check_reward"] = 1.5
+    fit = diagnose(history, "val_reward", guards=("task_accuracy", "val_check_reward"))
+    assert fit.verdict == "reward_hacking" and "val_check_reward, which it does not optimize, fell" in fit.reason
+    history[1]["val_check_reward"] = 1.95  # within 5 % of 2.0: noise
+    assert diagnose(history, "val_reward", guards=("val_check_reward",)).verdict == "ok"
 
 
 def test_reward_up_with_a_kl_past_the_bound_is_reward_hacking_without_a_checker():

@@ -68,6 +68,11 @@ def test_a_reward_model_run_is_read_at_the_answers_end_of_turn_token_and_becomes
     m = manifest(ppo.run(cfg))
     assert m["parents"] == ["sft-tiny", "rm-tiny"] and m["model"]["critic"] == "reward"
     assert m["model"]["reward"] == {"kind": "model", "spec": "rm-tiny", "tokens": True}
+    # The toy reward optimized, and the reward model as a second one that only scores the validation answers.
+    checked = manifest(ppo.run(tiny_ppo_config(sft_run.parent, val_reward_model="rm-tiny", run_name="ppo-checked")))
+    assert "val_reward_model" in checked["parent_models"]
+    metrics = checked["metrics"]
+    assert {"val_check_reward", "parent_val_check_reward", "test_check_reward"} <= set(metrics)
 
     # The score PPO reads at the end-of-turn token of [left-padded prompt | right-padded response] rows equals
     # the score `llmtrain score` and the judge give the same conversation, rendered alone without any padding.

@@ -59,7 +59,7 @@ from llmtrain.models import (
     token_scores,
 )
 from llmtrain.optim import param_groups
-from llmtrain.rewards import RewardSource, load_reward
+from llmtrain.rewards import RewardSource, load_reward, reward_model_source
 from llmtrain.rl import (
     KLController,
     entropy_of,
@@ -80,7 +80,7 @@ from llmtrain.tokenizer import load_tokenizer
 PLOT_CURVES = {
     "reward": ["reward_mean", "rlhf_reward"],
     "KL to the reference (per response)": ["kl"],
-    "held-out": ["task_accuracy", "val_reward"],
+    "held-out": ["task_accuracy", "val_reward", "val_check_reward"],
     "policy update": ["clip_frac", "approx_kl", "entropy"],
     "critic": ["value_loss", "explained_variance"],
     "response length (tokens)": ["response_length"],
@@ -96,6 +96,15 @@ def run(cfg: PpoConfig) -> Path:
     reward = load_reward(cfg, tokenizer)
     if reward.path:
         run.pin_parent("reward_model", cfg.reward_model, reward.path)
+    # A second reward model that only scores the validation answers: a measure PPO does not optimize.
+    check = (
+        reward_model_source(cfg.val_reward_model, cfg, tokenizer, "--val_reward_model")
+        if cfg.val_reward_model
+        else None
+    )
+    if check is not None:
+        run.pin_parent("val_reward_model", cfg.val_reward_model, check.path)
+        check.model = prepare_frozen(check.model, accelerator)
 
     # ---- models: the policy and its critic (one module), the frozen reference and reward model; no dropout
     actor_critic, reference = _build_models(cfg, init, tokenizer, reward, accelerator)
@@ -126,6 +135,8 @@ def run(cfg: PpoConfig) -> Path:
             metrics, replies[:] = evaluate_answers(
                 policy, tokenizer, on, cfg.max_new_tokens, accelerator, checker, reward, show
             )
+            if check is not None and replies:
+                metrics["val_check_reward"] = sum(check.score_texts(on, replies)) / len(replies)
         return metrics
 
     groups = param_groups(actor_critic.policy, cfg.lr, cfg.weight_decay)
@@ -141,7 +152,8 @@ def run(cfg: PpoConfig) -> Path:
     loop = Loop.begin(cfg, accelerator, run, actor_critic, optimizer, total_steps)
     loop.sync_every_step = True  # each step reads its rollouts on the host anyway (texts, rewards, the KL)
     loop.metric, loop.kl_bound = "val_reward", cfg.hacking_kl
-    loop.guard, loop.guard_rows = ("task_accuracy", len(eval_prompts)) if checker is not None else (None, 0)
+    loop.guards = ("task_accuracy",) * (checker is not None) + ("val_check_reward",) * (check is not None)
+    loop.guard_rows = len(eval_prompts)
     if cfg.keep_best == "auto":  # with a checker, the saved policy is the evaluation with the best task accuracy
         loop.keep_best = "task_accuracy" if checker is not None else None
     if loop.step == 0:
