@@ -88,18 +88,20 @@ def diagnose(
     guard_rows: int = 0,
     kl: float | None = None,
     kl_bound: float | None = None,
+    reward: str | None = None,
 ) -> Fit:
     """The verdict on a run from its evaluations (dicts with `step`, `metric` and its training-sample twin; the
-    first is the parent's when step is 0). `guards`: validation measures the run does not optimize (task accuracy,
-    a second reward model's score, beside PPO's reward; `guard_rows` prompts behind each), `kl`/`kl_bound`: the
-    final KL to the parent and its bound."""
+    first is the parent's when step is 0). `reward`: the optimized reward as validation measures it (`metric` when
+    None: PPO's val_reward; DPO's implicit-reward margin); `guards`: validation measures the run does not optimize
+    (task accuracy, a second reward model's score, a judge's win rate; `guard_rows` prompts behind each);
+    `kl`/`kl_bound`: the final KL to the parent and its bound."""
     rows = [r for r in evals if metric in r and math.isfinite(r[metric])]
     if not rows:
         return Fit("ok", f"no evaluation measured {metric}", None)
     up = higher_is_better(metric)
     best = max(rows, key=lambda r: r[metric] if up else -r[metric])
     best_step = int(best["step"])
-    hacking = _reward_hacking(evals, metric, guards, guard_rows, kl, kl_bound)
+    hacking = _reward_hacking(evals, reward or metric, guards, guard_rows, kl, kl_bound)
     if hacking:
         return Fit("reward_hacking", hacking, best_step)
     overfit = _overfitting(rows, metric, best)
@@ -184,8 +186,8 @@ def _reward_hacking(
 
 
 def _noise(guard: str, value: float, rows: int) -> float:
-    """How far a guard may fall by chance: an accuracy, two binomial standard errors of `rows` answers (and two
-    points); a mean score, REWARD_TOLERANCE of its size (and 0.02)."""
-    if "accuracy" in guard:
+    """How far a guard may fall by chance: an accuracy or a win rate, two binomial standard errors of `rows` answers
+    (and two points); a mean score, REWARD_TOLERANCE of its size (and 0.02)."""
+    if "accuracy" in guard or guard == "win_rate":
         return max(GUARD_STANDARD_ERRORS * math.sqrt(max(value * (1 - value), 0.01) / max(rows, 1)), 0.02)
     return max(REWARD_TOLERANCE * abs(value), 0.02)

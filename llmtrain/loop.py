@@ -111,6 +111,7 @@ class Loop:
     metric: str = "val_loss"
     # --keep_best as it applies ("auto", a stage's default, is resolved by the stage: None until it does).
     keep_best: str | None = None
+    reward: str | None = None  # the optimized reward as validation measures it, when it is not `metric` (DPO)
     guards: tuple[str, ...] = ()
     guard_rows: int = 0
     kl_bound: float | None = None
@@ -551,7 +552,8 @@ class Loop:
         metrics |= {f"parent_{metric_on_test(k)}": v for k, v in (parent_test or {}).items()}
         if "skipped_steps" in self.state:
             metrics["skipped_steps"] = self.state["skipped_steps"]
-        fit = diagnose(self.state.get("evals", []), self.metric, self.guards, self.guard_rows, kl, self.kl_bound)
+        evals = self.state.get("evals", [])
+        fit = diagnose(evals, self.metric, self.guards, self.guard_rows, kl, self.kl_bound, self.reward)
         fields: dict[str, Any] = {"fit": fit.as_dict()}
         if self.keep_best and "best" in self.state:
             fields["best"] = self.state["best"]

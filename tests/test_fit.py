@@ -84,6 +84,18 @@ def test_reward_up_while_a_second_reward_model_scores_lower_is_reward_hacking():
     assert diagnose(history, "val_reward", guards=("val_check_reward",)).verdict == "ok"
 
 
+def test_a_dpo_margin_up_while_the_judges_win_rate_falls_is_reward_hacking():
+    # DPO's optimized reward is its implicit margin (0 for the parent); its fit metric stays the loss.
+    history = [
+        {"step": 0, "val_margin": 0.0, "win_rate": 0.5},
+        {"step": 100, "val_loss": 0.6, "trainset_loss": 0.55, "val_margin": 2.0, "win_rate": 0.3},
+    ]
+    fit = diagnose(history, "val_loss", guards=("win_rate",), guard_rows=400, reward="val_margin")
+    assert fit.verdict == "reward_hacking" and fit.reason.startswith("val_margin rose from 0 to 2 while win_rate")
+    history[1]["win_rate"] = 0.55
+    assert diagnose(history, "val_loss", guards=("win_rate",), guard_rows=400, reward="val_margin").verdict == "ok"
+
+
 def test_reward_up_with_a_kl_past_the_bound_is_reward_hacking_without_a_checker():
     history = [{"step": 0, "val_reward": 1.0}, {"step": 20, "val_reward": 2.0}]
     fit = diagnose(history, "val_reward", kl=14.2, kl_bound=10)

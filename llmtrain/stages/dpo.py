@@ -109,6 +109,12 @@ def run(cfg: DpoConfig) -> Path:
 
     if loop.step == 0:  # the parent's answers: its task accuracy, and the replies the win rate compares against
         loop.state["parent_metrics"], loop.state["parent_replies"] = answers()
+        # Before the first step the policy is its reference: its implicit-reward margin is 0, and a judge finds it
+        # as good as itself. These are the curves' first points, from which reward hacking is judged.
+        loop.state["parent_metrics"] |= {"val_margin": 0.0} | ({"win_rate": 0.5} if judge and eval_prompts else {})
+    # DPO raises its implicit reward (the margin); task accuracy and a judge's win rate are not optimized.
+    loop.reward, loop.guard_rows = "val_margin", len(eval_prompts)
+    loop.guards = ("task_accuracy",) * (checker is not None) + ("win_rate",) * (judge is not None)
     parent = loop.state["parent_metrics"]
     loop.start(
         f"DPO ({cfg.loss_type}, beta {cfg.beta}) of {init.spec} on {len(train):,} pairs ({stats.truncated} "
