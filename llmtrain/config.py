@@ -522,7 +522,10 @@ class PpoConfig(PolicyConfig):
     schedule: str = "constant"
     warmup_steps: int = 0
     epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts (max_steps wins)."})
-    eval_every: int = 0
+    # On the embedded task's validation prompts (seed 2), task accuracy rose from 0.84 to 0.9175 by step 8, then
+    # fell to 0.7625 by step 32 while the reward model's score kept rising: evaluations every 8 steps let --keep_best
+    # auto keep the good step rather than only the parent or the last.
+    eval_every: int = 8
     log_every: int = 1
     save_every: int = 50
 

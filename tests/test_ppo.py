@@ -312,6 +312,7 @@ def test_a_reward_that_pays_for_wrong_answers_is_called_reward_hacking(taught_ru
     assert m["fit"]["verdict"] == "reward_hacking", m["fit"]
     assert "task_accuracy, which it does not optimize, fell from 1" in m["fit"]["reason"]
     assert "fit: REWARD_HACKING" in capsys.readouterr().out
-    # PPO's default --keep_best auto (task accuracy, with a checker) saved the parent's weights, the best evaluation.
-    assert m["best"] == {"step": 0, "metric": "task_accuracy", "value": 1.0}
+    # PPO's default --keep_best auto (task accuracy, with a checker) saved the best evaluation's weights, which
+    # answer as well as the parent did, not the last step's.
+    assert m["best"]["metric"] == "task_accuracy" and m["best"]["value"] == 1.0 and m["best"]["step"] < 20
     assert m["metrics"]["task_accuracy"] == m["metrics"]["parent_task_accuracy"] == 1.0
