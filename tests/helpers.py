@@ -135,12 +135,13 @@ def tiny_dpo_config(runs_dir: Path, **overrides):
 
 
 def tiny_ppo_config(runs_dir: Path, **overrides):
-    """A PPO config that tunes `sft-tiny` against the toy reward function for two steps in a few seconds."""
+    """A PPO config that tunes `sft-tiny` against the toy reward function for two steps in a few seconds (evaluated
+    at the start and the end only)."""
     from llmtrain.config import PpoConfig
 
     values = dict(runs_dir=str(runs_dir), init="sft-tiny", reward_fn="helpers:short_answer_reward", max_steps=2)
     values |= dict(batch_size=16, lr=3e-4, value_lr=1e-3, max_length=64, max_new_tokens=12, num_mini_batches=1)
-    values |= dict(task_eval_rows=16, num_samples=1, sample_every=0, save_every=0, **TEST_SEED)
+    values |= dict(task_eval_rows=16, num_samples=1, sample_every=0, save_every=0, eval_every=0, **TEST_SEED)
     return PpoConfig(**{**values, **overrides})
 
 
