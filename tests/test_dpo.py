@@ -129,10 +129,11 @@ def test_pairs_with_identical_answers_name_the_file_and_row(sft_run, tmp_path):
 
 
 def test_dpo_raises_the_task_accuracy_of_the_pairs_it_was_taught(sft_run, tmp_path):
-    # As for SFT, held-out accuracy does not move in a test's budget; on eight pairs taught by heart the parent's
-    # task accuracy went from 0 to 1.0 on five seeds of 100 steps (chosen: the right sum; rejected: ten too high).
+    # As for SFT, held-out accuracy does not move in a test's budget; on eight pairs taught by heart (chosen: the
+    # right sum; rejected: ten too high) the parent's task accuracy rises from 0. 100 steps reached only 0.375 at
+    # seed 0 once the task's training rows were redrawn; 200 steps pass at seeds 0, 1, 2 and 1337.
     data = write_taught_sums(tmp_path / "pairs.jsonl", "pairs")
-    taught = dict(data=str(data), eval_data=str(data), batch_size=8, max_steps=100, lr=1e-2, nll_weight=1.0)
+    taught = dict(data=str(data), eval_data=str(data), batch_size=8, max_steps=200, lr=1e-2, nll_weight=1.0)
     cfg = tiny_dpo_config(sft_run.parent, run_name="dpo-taught", warmup_steps=3, **taught)
     metrics = json.loads((dpo.run(cfg) / "llmtrain.json").read_text())["metrics"]
     assert metrics["val_accuracy"] == 1.0
